@@ -1,0 +1,8 @@
+//! Integration tests: real sockets on 127.0.0.1, a real TLS client.
+
+#![forbid(unsafe_code)]
+
+mod api;
+mod bin;
+mod server;
+mod support;
