@@ -1,0 +1,1759 @@
+//! Configuration: one optional TOML file, environment variables overriding it key by key, and
+//! defaults for everything but the credentials.
+//!
+//! Every setting is described once in [`Key`]'s table (file key, environment variable, default);
+//! both layers are read through it. Loading runs in three steps, so that everything but the last
+//! one is pure and tested with strings and maps:
+//!
+//! 1. [`Layers`] collects the raw text of each key with its [`Origin`] (default < file < env);
+//! 2. each key is parsed into its type, then cross-key rules are checked;
+//! 3. the secret and CA files the settings name are read.
+//!
+//! Every failure is one [`ConfigError`] naming the key as the operator wrote it (the environment
+//! variable or the file key and file), and what was expected. The secret never appears in an
+//! error, in `Debug` output, or in [`Loaded::render`].
+
+use std::collections::HashMap;
+use std::fmt;
+use std::fs;
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::uri::{Authority, Scheme};
+use http::Uri;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
+use toml::de::{DeTable, DeValue};
+
+/// The proxy's settings, parsed and validated.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub upstream: Upstream,
+    pub credentials: Credentials,
+    pub token: TokenSettings,
+    /// How long in-flight requests may take to finish once shutdown begins.
+    pub shutdown_timeout: Duration,
+}
+
+/// Where requests are forwarded, and how to trust it.
+#[derive(Clone, Debug)]
+pub struct Upstream {
+    pub scheme: Scheme,
+    pub authority: Authority,
+    /// Prefix for every forwarded path: empty, or starting with `/` and without a trailing `/`.
+    pub base_path: String,
+    pub roots: Roots,
+    /// Trusted in addition to `roots` (`upstream.ca_file`).
+    pub extra_roots: Vec<CertificateDer<'static>>,
+    /// Kept so that the CA file can be named in logs and errors.
+    pub ca_file: Option<PathBuf>,
+    pub allow_insecure_http: bool,
+    /// Bounds connecting: TCP connect plus TLS handshake.
+    pub connect_timeout: Duration,
+    /// Bounds the wait for the upstream's response headers.
+    pub response_timeout: Duration,
+}
+
+impl Upstream {
+    /// The base URL, e.g. `https://api.cm.com/mobile-identity/v1`.
+    pub fn url(&self) -> String {
+        format!("{}://{}{}", self.scheme, self.authority, self.base_path)
+    }
+}
+
+/// The root certificates the upstream's certificate must chain to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Roots {
+    /// Mozilla's roots compiled into the binary: works in distroless images.
+    Webpki,
+    /// The operating system's store.
+    Native,
+}
+
+impl fmt::Display for Roots {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Roots::Webpki => "webpki",
+            Roots::Native => "native",
+        })
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Credentials {
+    /// The JWT `kid`.
+    pub key_id: String,
+    pub secret: Secret,
+    /// Where the secret was read from, kept for a later hot reload; `None` if it came from
+    /// `IDMATCH_SECRET`.
+    pub secret_file: Option<PathBuf>,
+}
+
+/// The HMAC key. It has no `Display`, and its `Debug` hides it, so it cannot end up in a log
+/// line by accident.
+#[derive(Clone)]
+pub struct Secret(Box<[u8]>);
+
+impl Secret {
+    pub fn new(bytes: impl Into<Box<[u8]>>) -> Self {
+        Secret(bytes.into())
+    }
+
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// Timing of the tokens we mint: `iat = nbf = now - backdate`, `exp = iat + lifetime`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenSettings {
+    pub lifetime: Duration,
+    /// A new token is minted in the background this long before the current one expires.
+    pub refresh_before: Duration,
+    /// No request is sent with a token that has less validity left than this.
+    pub margin: Duration,
+    /// Tolerance for CM.com's clock being behind ours.
+    pub backdate: Duration,
+}
+
+impl Default for TokenSettings {
+    fn default() -> Self {
+        TokenSettings {
+            lifetime: Duration::from_secs(60),
+            refresh_before: Duration::from_secs(15),
+            margin: Duration::from_secs(5),
+            backdate: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Where a setting's value came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Origin {
+    Default,
+    File(PathBuf),
+    Env(&'static str),
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Origin::Default => f.write_str("default"),
+            Origin::File(path) => write!(f, "file {}", path.display()),
+            Origin::Env(var) => write!(f, "env {var}"),
+        }
+    }
+}
+
+/// One row of the effective configuration, for `idmatch-proxy check`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Setting {
+    /// The file key, e.g. `upstream.url`.
+    pub key: &'static str,
+    /// The parsed value, formatted; the secret shows only its length.
+    pub value: String,
+    pub origin: Origin,
+}
+
+/// A configuration together with where each of its values came from.
+#[derive(Clone, Debug)]
+pub struct Loaded {
+    pub config: Config,
+    /// One row per key, in the order of the example file.
+    pub effective: Vec<Setting>,
+}
+
+impl Loaded {
+    /// The effective settings as an aligned table: key, value, origin.
+    pub fn render(&self) -> String {
+        let header = ["KEY", "VALUE", "ORIGIN"].map(String::from);
+        let rows = std::iter::once(header)
+            .chain(
+                self.effective
+                    .iter()
+                    .map(|s| [s.key.to_owned(), s.value.clone(), s.origin.to_string()]),
+            )
+            .collect::<Vec<_>>();
+        let width = |column: usize| {
+            rows.iter()
+                .map(|row| row[column].chars().count())
+                .max()
+                .unwrap_or(0)
+        };
+        let (key_width, value_width) = (width(0), width(1));
+        rows.iter()
+            .map(|[key, value, origin]| {
+                format!("{key:key_width$}  {value:value_width$}  {origin}\n")
+            })
+            .collect()
+    }
+}
+
+/// A bad configuration: which key, where it came from, and what was expected. Displays as a
+/// single line.
+#[derive(Debug, thiserror::Error)]
+#[error("{subject}: {problem}")]
+pub struct ConfigError {
+    subject: String,
+    problem: String,
+}
+
+impl ConfigError {
+    fn new(subject: impl Into<String>, problem: impl Into<String>) -> Self {
+        ConfigError {
+            subject: subject.into(),
+            problem: problem.into(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads the file (when given), then the secret and CA files the settings name.
+    pub fn load(file: Option<&Path>, env: &HashMap<String, String>) -> Result<Loaded, ConfigError> {
+        let text = file
+            .map(|path| {
+                fs::read_to_string(path).map_err(|e| {
+                    ConfigError::new(
+                        format!("config file {}", path.display()),
+                        format!("cannot read: {e}"),
+                    )
+                })
+            })
+            .transpose()?;
+        Self::from_parts(file.zip(text.as_deref()), env)
+    }
+
+    /// Same, with the file's text already in hand (tests).
+    pub fn from_parts(
+        file: Option<(&Path, &str)>,
+        env: &HashMap<String, String>,
+    ) -> Result<Loaded, ConfigError> {
+        let mut layers = Layers::default();
+        if let Some((path, text)) = file {
+            layers.read_file(path, text)?;
+        }
+        layers.read_env(env)?;
+        let config = layers.build()?;
+        let effective = layers.effective(&config);
+        Ok(Loaded { config, effective })
+    }
+}
+
+// === The key table ===
+
+/// Every setting, described by [`Key::spec`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Key {
+    Listen,
+    ShutdownTimeout,
+    UpstreamUrl,
+    UpstreamRoots,
+    UpstreamCaFile,
+    UpstreamAllowInsecureHttp,
+    UpstreamConnectTimeout,
+    UpstreamResponseTimeout,
+    CredentialsKeyId,
+    CredentialsSecretFile,
+    CredentialsSecret,
+    TokenLifetime,
+    TokenRefreshBefore,
+    TokenMargin,
+    TokenBackdate,
+}
+
+struct Spec {
+    /// Dotted key in the TOML file.
+    name: &'static str,
+    env: &'static str,
+    default: Option<&'static str>,
+    toml: Toml,
+}
+
+/// What the key must be in the TOML file.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Toml {
+    /// A quoted string, described as the text says.
+    Str(&'static str),
+    Bool,
+    /// Not accepted in the file at all.
+    Forbidden,
+}
+
+impl Key {
+    /// The order of `Loaded::effective`, as in the example file.
+    const ALL: [Key; 15] = [
+        Key::Listen,
+        Key::ShutdownTimeout,
+        Key::UpstreamUrl,
+        Key::UpstreamRoots,
+        Key::UpstreamCaFile,
+        Key::UpstreamAllowInsecureHttp,
+        Key::UpstreamConnectTimeout,
+        Key::UpstreamResponseTimeout,
+        Key::CredentialsKeyId,
+        Key::CredentialsSecretFile,
+        Key::CredentialsSecret,
+        Key::TokenLifetime,
+        Key::TokenRefreshBefore,
+        Key::TokenMargin,
+        Key::TokenBackdate,
+    ];
+
+    #[rustfmt::skip]
+    fn spec(self) -> Spec {
+        use Toml::*;
+        let row = |name, env, default, toml| Spec { name, env, default, toml };
+        match self {
+            Key::Listen => row("listen", "IDMATCH_LISTEN", Some("127.0.0.1:8080"), Str(ADDR)),
+            Key::ShutdownTimeout => row("shutdown_timeout", "IDMATCH_SHUTDOWN_TIMEOUT", Some("20s"), Str(DURATION)),
+            Key::UpstreamUrl => row("upstream.url", "IDMATCH_UPSTREAM_URL", Some("https://api.cm.com/mobile-identity/v1"), Str(URL)),
+            Key::UpstreamRoots => row("upstream.roots", "IDMATCH_UPSTREAM_ROOTS", Some("webpki"), Str(ROOTS)),
+            Key::UpstreamCaFile => row("upstream.ca_file", "IDMATCH_UPSTREAM_CA_FILE", None, Str(PATH)),
+            Key::UpstreamAllowInsecureHttp => row("upstream.allow_insecure_http", "IDMATCH_UPSTREAM_ALLOW_INSECURE_HTTP", Some("false"), Bool),
+            Key::UpstreamConnectTimeout => row("upstream.connect_timeout", "IDMATCH_UPSTREAM_CONNECT_TIMEOUT", Some("5s"), Str(DURATION)),
+            Key::UpstreamResponseTimeout => row("upstream.response_timeout", "IDMATCH_UPSTREAM_RESPONSE_TIMEOUT", Some("30s"), Str(DURATION)),
+            Key::CredentialsKeyId => row("credentials.key_id", "IDMATCH_KEY_ID", None, Str(TEXT)),
+            Key::CredentialsSecretFile => row("credentials.secret_file", "IDMATCH_SECRET_FILE", None, Str(PATH)),
+            // A config file is usually a ConfigMap, readable by far more people than a Secret.
+            Key::CredentialsSecret => row("credentials.secret", "IDMATCH_SECRET", None, Forbidden),
+            Key::TokenLifetime => row("token.lifetime", "IDMATCH_TOKEN_LIFETIME", Some("60s"), Str(SECONDS)),
+            Key::TokenRefreshBefore => row("token.refresh_before", "IDMATCH_TOKEN_REFRESH_BEFORE", Some("15s"), Str(SECONDS)),
+            Key::TokenMargin => row("token.margin", "IDMATCH_TOKEN_MARGIN", Some("5s"), Str(DURATION)),
+            Key::TokenBackdate => row("token.backdate", "IDMATCH_TOKEN_BACKDATE", Some("5s"), Str(SECONDS)),
+        }
+    }
+
+    fn name(self) -> &'static str {
+        self.spec().name
+    }
+
+    fn env(self) -> &'static str {
+        self.spec().env
+    }
+
+    /// The key as the operator wrote it, e.g. `token.lifetime in /etc/x.toml`.
+    fn describe(self, origin: &Origin) -> String {
+        match origin {
+            Origin::Default => format!("{} (default)", self.name()),
+            Origin::File(path) => format!("{} in {}", self.name(), path.display()),
+            Origin::Env(var) => format!("{var} (environment)"),
+        }
+    }
+}
+
+const ADDR: &str = "a socket address like 127.0.0.1:8080 or [::]:8080";
+const URL: &str = "an absolute URL like https://api.cm.com/mobile-identity/v1";
+const PATH: &str = "a file path";
+const ROOTS: &str = "webpki or native";
+const DURATION: &str = "a duration like 60s, 500ms or 2m";
+const SECONDS: &str = "whole seconds like 60s or 2m (JWT times have one-second resolution)";
+const TEXT: &str = "a non-empty string";
+
+// === Layers ===
+
+/// A value as written, before parsing.
+struct Raw {
+    text: String,
+    origin: Origin,
+}
+
+/// The winning raw value of each key that is set in the file or the environment.
+#[derive(Default)]
+struct Layers {
+    values: HashMap<Key, Raw>,
+}
+
+static DEFAULT: Origin = Origin::Default;
+
+impl Layers {
+    fn read_file(&mut self, path: &Path, source: &str) -> Result<(), ConfigError> {
+        let doc = DeTable::parse(source).map_err(|e| {
+            // toml's own Display spans several lines (it quotes the source); keep ours to one.
+            let message = e.message().split_whitespace().collect::<Vec<_>>().join(" ");
+            ConfigError::new(at_line(path, source, e.span().map(|s| s.start)), message)
+        })?;
+        self.read_table(path, source, "", doc.get_ref())
+    }
+
+    fn read_table(
+        &mut self,
+        path: &Path,
+        source: &str,
+        prefix: &str,
+        table: &DeTable<'_>,
+    ) -> Result<(), ConfigError> {
+        let mut entries = table.iter().collect::<Vec<_>>();
+        // Report the first problem in the file, not the first in key order.
+        entries.sort_by_key(|(name, _)| name.span().start);
+        for (name, value) in entries {
+            let dotted = format!("{prefix}{}", name.get_ref());
+            // A quoted key containing a dot (`"upstream.url" = ..`) is not `upstream.url`.
+            let key = Key::ALL
+                .into_iter()
+                .find(|k| k.name() == dotted && !name.get_ref().contains('.'));
+            let is_table = Key::ALL
+                .iter()
+                .any(|k| k.name().starts_with(&format!("{dotted}.")));
+            let origin = Origin::File(path.to_owned());
+            match (key, value.get_ref()) {
+                (Some(key), value) => {
+                    let text = from_toml(key, value)
+                        .map_err(|problem| ConfigError::new(key.describe(&origin), problem))?;
+                    self.values.insert(key, Raw { text, origin });
+                }
+                (None, DeValue::Table(table)) if is_table => {
+                    self.read_table(path, source, &format!("{dotted}."), table)?
+                }
+                (None, value) if is_table => {
+                    let problem =
+                        format!("expected a table, got {}", with_article(value.type_str()));
+                    return Err(ConfigError::new(
+                        format!("{dotted} in {}", path.display()),
+                        problem,
+                    ));
+                }
+                (None, _) => {
+                    let expected = Key::ALL
+                        .iter()
+                        .filter(|k| k.spec().toml != Toml::Forbidden)
+                        .map(|k| k.name())
+                        .collect::<Vec<_>>()
+                        .join(", ");
+                    let problem = format!("unknown key {dotted:?} (expected one of: {expected})");
+                    return Err(ConfigError::new(
+                        at_line(path, source, Some(name.span().start)),
+                        problem,
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn read_env(&mut self, env: &HashMap<String, String>) -> Result<(), ConfigError> {
+        for key in Key::ALL {
+            if let Some(text) = env.get(key.env()) {
+                let origin = Origin::Env(key.env());
+                self.values.insert(
+                    key,
+                    Raw {
+                        text: text.clone(),
+                        origin,
+                    },
+                );
+            }
+        }
+        // The secret has exactly one source. Only the environment can hold the secret itself,
+        // and either variable replaces the file's `secret_file`.
+        if self.values.contains_key(&Key::CredentialsSecret) {
+            match self
+                .values
+                .get(&Key::CredentialsSecretFile)
+                .map(|raw| &raw.origin)
+            {
+                Some(Origin::Env(_)) => {
+                    return Err(ConfigError::new(
+                        format!(
+                            "{} and {} (environment)",
+                            Key::CredentialsSecret.env(),
+                            Key::CredentialsSecretFile.env()
+                        ),
+                        "both are set; set only one of them",
+                    ))
+                }
+                Some(_) => {
+                    self.values.remove(&Key::CredentialsSecretFile);
+                }
+                None => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// The winning text and origin of `key`, falling back to its default.
+    fn get(&self, key: Key) -> Option<(&str, &Origin)> {
+        match self.values.get(&key) {
+            Some(raw) => Some((&raw.text, &raw.origin)),
+            None => key.spec().default.map(|text| (text, &DEFAULT)),
+        }
+    }
+
+    fn origin(&self, key: Key) -> &Origin {
+        self.get(key).map_or(&DEFAULT, |(_, origin)| origin)
+    }
+
+    /// An error about `key`, named as the operator wrote it.
+    fn error(&self, key: Key, problem: impl Into<String>) -> ConfigError {
+        ConfigError::new(key.describe(self.origin(key)), problem)
+    }
+
+    fn optional<T>(
+        &self,
+        key: Key,
+        parse: impl FnOnce(&str) -> Result<T, String>,
+    ) -> Result<Option<T>, ConfigError> {
+        self.get(key)
+            .map(|(text, origin)| {
+                parse(text).map_err(|problem| ConfigError::new(key.describe(origin), problem))
+            })
+            .transpose()
+    }
+
+    fn value<T>(
+        &self,
+        key: Key,
+        parse: impl FnOnce(&str) -> Result<T, String>,
+    ) -> Result<T, ConfigError> {
+        self.optional(key, parse)?.ok_or_else(|| {
+            let problem = format!(
+                "required: set {} or {} in the config file",
+                key.env(),
+                key.name()
+            );
+            ConfigError::new(key.name(), problem)
+        })
+    }
+
+    fn build(&self) -> Result<Config, ConfigError> {
+        let listen = self.value(Key::Listen, socket_addr)?;
+        let (scheme, authority, base_path) = self.value(Key::UpstreamUrl, url)?;
+        let allow_insecure_http = self.value(Key::UpstreamAllowInsecureHttp, boolean)?;
+        // Checked only now: the two keys may come from different layers.
+        if scheme == Scheme::HTTP && !allow_insecure_http {
+            let problem = format!(
+                "http:// would send the bearer token in clear; use https, or for local testing \
+                 set {}=true ({} = true in the config file)",
+                Key::UpstreamAllowInsecureHttp.env(),
+                Key::UpstreamAllowInsecureHttp.name(),
+            );
+            return Err(self.error(Key::UpstreamUrl, problem));
+        }
+        let roots = self.value(Key::UpstreamRoots, roots)?;
+        let connect_timeout = self.value(Key::UpstreamConnectTimeout, timeout)?;
+        let response_timeout = self.value(Key::UpstreamResponseTimeout, timeout)?;
+        let key_id = self.value(Key::CredentialsKeyId, non_empty)?;
+        let token = TokenSettings {
+            lifetime: self.value(Key::TokenLifetime, |t| whole_seconds(t).and_then(nonzero))?,
+            refresh_before: self.value(Key::TokenRefreshBefore, whole_seconds)?,
+            margin: self.value(Key::TokenMargin, duration)?,
+            backdate: self.value(Key::TokenBackdate, whole_seconds)?,
+        };
+        self.validate(&token)?;
+        let shutdown_timeout = self.value(Key::ShutdownTimeout, timeout)?;
+
+        // Files last, once everything they could be wasted on is known to be valid.
+        let ca_file = self.optional(Key::UpstreamCaFile, path)?;
+        let extra_roots = match &ca_file {
+            Some(file) => {
+                read_certificates(file).map_err(|p| self.error(Key::UpstreamCaFile, p))?
+            }
+            None => Vec::new(),
+        };
+        let (secret, secret_file) = self.secret()?;
+        Ok(Config {
+            listen,
+            upstream: Upstream {
+                scheme,
+                authority,
+                base_path,
+                roots,
+                extra_roots,
+                ca_file,
+                allow_insecure_http,
+                connect_timeout,
+                response_timeout,
+            },
+            credentials: Credentials {
+                key_id,
+                secret,
+                secret_file,
+            },
+            token,
+            shutdown_timeout,
+        })
+    }
+
+    /// The secret, and the file it was read from. `read_env` left at most one source.
+    fn secret(&self) -> Result<(Secret, Option<PathBuf>), ConfigError> {
+        if let Some(file) = self.optional(Key::CredentialsSecretFile, path)? {
+            let secret =
+                read_secret(&file).map_err(|p| self.error(Key::CredentialsSecretFile, p))?;
+            return Ok((secret, Some(file)));
+        }
+        let secret = self
+            .optional(Key::CredentialsSecret, |text| {
+                non_empty(text).map(|text| Secret::new(text.into_bytes()))
+            })?
+            .ok_or_else(|| {
+                let problem = format!(
+                    "required: set {} (preferred) or {}, or {} in the config file",
+                    Key::CredentialsSecretFile.env(),
+                    Key::CredentialsSecret.env(),
+                    Key::CredentialsSecretFile.name(),
+                );
+                ConfigError::new(Key::CredentialsSecret.name(), problem)
+            })?;
+        Ok((secret, None))
+    }
+
+    /// Rules between the token timings, so that a fresh token is always usable and is replaced
+    /// before it gets too old to be sent.
+    fn validate(&self, token: &TokenSettings) -> Result<(), ConfigError> {
+        let shown = |key: Key, value: Duration| {
+            format!(
+                "{} ({}, {})",
+                key.name(),
+                show_duration(value),
+                self.origin(key)
+            )
+        };
+        if token.backdate >= token.lifetime {
+            let problem = format!(
+                "must be less than {} or tokens are expired when minted, got {}",
+                shown(Key::TokenLifetime, token.lifetime),
+                show_duration(token.backdate),
+            );
+            return Err(self.error(Key::TokenBackdate, problem));
+        }
+        let validity = token.lifetime - token.backdate;
+        if token.refresh_before >= validity {
+            let problem = format!(
+                "must be less than {} minus {} = {}, the validity of a fresh token, got {}",
+                shown(Key::TokenLifetime, token.lifetime),
+                shown(Key::TokenBackdate, token.backdate),
+                show_duration(validity),
+                show_duration(token.refresh_before),
+            );
+            return Err(self.error(Key::TokenRefreshBefore, problem));
+        }
+        if token.margin >= token.refresh_before {
+            let problem = format!(
+                "must be less than {} so that tokens are refreshed before they become too old \
+                 to send, got {}",
+                shown(Key::TokenRefreshBefore, token.refresh_before),
+                show_duration(token.margin),
+            );
+            return Err(self.error(Key::TokenMargin, problem));
+        }
+        Ok(())
+    }
+
+    fn effective(&self, config: &Config) -> Vec<Setting> {
+        let (upstream, token) = (&config.upstream, &config.token);
+        let path = |path: &Option<PathBuf>| {
+            path.as_ref()
+                .map_or_else(|| "(none)".into(), |p| p.display().to_string())
+        };
+        Key::ALL
+            .into_iter()
+            .map(|key| {
+                let value = match key {
+                    Key::Listen => config.listen.to_string(),
+                    Key::UpstreamUrl => upstream.url(),
+                    Key::UpstreamCaFile => path(&upstream.ca_file),
+                    Key::UpstreamRoots => upstream.roots.to_string(),
+                    Key::UpstreamAllowInsecureHttp => upstream.allow_insecure_http.to_string(),
+                    Key::UpstreamConnectTimeout => show_duration(upstream.connect_timeout),
+                    Key::UpstreamResponseTimeout => show_duration(upstream.response_timeout),
+                    Key::CredentialsKeyId => config.credentials.key_id.clone(),
+                    Key::CredentialsSecret => {
+                        format!("<redacted, {} bytes>", config.credentials.secret.len())
+                    }
+                    Key::CredentialsSecretFile => path(&config.credentials.secret_file),
+                    Key::TokenLifetime => show_duration(token.lifetime),
+                    Key::TokenRefreshBefore => show_duration(token.refresh_before),
+                    Key::TokenMargin => show_duration(token.margin),
+                    Key::TokenBackdate => show_duration(token.backdate),
+                    Key::ShutdownTimeout => show_duration(config.shutdown_timeout),
+                };
+                // A secret read from a file comes from wherever the file's path came from.
+                let origin = match key {
+                    Key::CredentialsSecret if config.credentials.secret_file.is_some() => {
+                        self.origin(Key::CredentialsSecretFile)
+                    }
+                    _ => self.origin(key),
+                };
+                Setting {
+                    key: key.name(),
+                    value,
+                    origin: origin.clone(),
+                }
+            })
+            .collect()
+    }
+}
+
+/// `/etc/x.toml line 4`, from a byte offset into the file.
+fn at_line(path: &Path, source: &str, offset: Option<usize>) -> String {
+    match offset {
+        Some(offset) => {
+            let before = &source.as_bytes()[..offset.min(source.len())];
+            let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+            format!("{} line {line}", path.display())
+        }
+        None => path.display().to_string(),
+    }
+}
+
+/// The file's value as text for the key's parser, after checking its TOML type.
+fn from_toml(key: Key, value: &DeValue<'_>) -> Result<String, String> {
+    match (key.spec().toml, value) {
+        (Toml::Str(_), DeValue::String(text)) => Ok(text.to_string()),
+        (Toml::Bool, DeValue::Boolean(b)) => Ok(b.to_string()),
+        (Toml::Str(what), other) => Err(format!(
+            "expected {what} as a quoted string, got {}",
+            with_article(other.type_str())
+        )),
+        (Toml::Bool, other) => Err(format!(
+            "expected true or false (unquoted), got {}",
+            with_article(other.type_str())
+        )),
+        (Toml::Forbidden, _) => Err(format!(
+            "the secret is not accepted in the config file (often a ConfigMap); use {} or set {} \
+             (preferred) or {}",
+            Key::CredentialsSecretFile.name(),
+            Key::CredentialsSecretFile.env(),
+            Key::CredentialsSecret.env(),
+        )),
+    }
+}
+
+/// `an integer`, `a string`.
+fn with_article(noun: &str) -> String {
+    match noun.as_bytes().first() {
+        Some(b'a' | b'e' | b'i' | b'o' | b'u') => format!("an {noun}"),
+        _ => format!("a {noun}"),
+    }
+}
+
+// === Parsers: the text of one key into its type ===
+
+fn expected(what: &str, text: &str) -> String {
+    format!("expected {what}, got {text:?}")
+}
+
+fn socket_addr(text: &str) -> Result<SocketAddr, String> {
+    text.parse().map_err(|_| expected(ADDR, text))
+}
+
+/// Scheme, authority and base path of the upstream. Whether `http` is allowed depends on
+/// another key, so it is checked by the caller.
+fn url(text: &str) -> Result<(Scheme, Authority, String), String> {
+    // `http::Uri` silently drops a fragment.
+    if text.contains('#') {
+        return Err("must not have a fragment (#...)".into());
+    }
+    let uri = text.parse::<Uri>().map_err(|_| expected(URL, text))?;
+    let (Some(scheme), Some(authority)) = (uri.scheme(), uri.authority()) else {
+        return Err(expected(URL, text));
+    };
+    if *scheme != Scheme::HTTPS && *scheme != Scheme::HTTP {
+        return Err(format!(
+            "expected an https URL, got scheme {:?}",
+            scheme.as_str()
+        ));
+    }
+    // Not echoed: the user info may hold a password.
+    if authority.as_str().contains('@') {
+        return Err("must not contain user info (user@host); \
+                    the proxy sends its own Authorization"
+            .into());
+    }
+    // `port_u16` is `None` both without a port and with an invalid one (`:99999`, `:`).
+    let bad_port = authority.port_u16().is_none() && authority.as_str() != authority.host();
+    if authority.host().is_empty() || bad_port {
+        return Err(expected(URL, text));
+    }
+    // Not echoed either: a query may carry a key.
+    if uri.query().is_some() {
+        return Err("must not have a query (?...)".into());
+    }
+    let base_path = uri.path().trim_end_matches('/').to_owned();
+    Ok((scheme.clone(), authority.clone(), base_path))
+}
+
+fn path(text: &str) -> Result<PathBuf, String> {
+    match text {
+        "" => Err(expected(PATH, text)),
+        _ => Ok(PathBuf::from(text)),
+    }
+}
+
+fn roots(text: &str) -> Result<Roots, String> {
+    match text {
+        "webpki" => Ok(Roots::Webpki),
+        "native" => Ok(Roots::Native),
+        _ => Err(expected(ROOTS, text)),
+    }
+}
+
+fn boolean(text: &str) -> Result<bool, String> {
+    match text {
+        "true" | "1" => Ok(true),
+        "false" | "0" => Ok(false),
+        _ => Err(expected("true, false, 1 or 0", text)),
+    }
+}
+
+fn non_empty(text: &str) -> Result<String, String> {
+    match text {
+        "" => Err(format!("expected {TEXT}, got \"\"")),
+        _ => Ok(text.to_owned()),
+    }
+}
+
+/// `<integer><unit>`, unit one of `ms`, `s`, `m`, `h`.
+fn duration(text: &str) -> Result<Duration, String> {
+    let digits = text.bytes().take_while(u8::is_ascii_digit).count();
+    let (number, unit) = text.split_at(digits);
+    let number = number.parse::<u64>().ok();
+    let parsed = match unit {
+        "ms" => number.map(Duration::from_millis),
+        "s" => number.map(Duration::from_secs),
+        "m" => number
+            .and_then(|n| n.checked_mul(60))
+            .map(Duration::from_secs),
+        "h" => number
+            .and_then(|n| n.checked_mul(3600))
+            .map(Duration::from_secs),
+        _ => None,
+    };
+    parsed.ok_or_else(|| expected(DURATION, text))
+}
+
+fn whole_seconds(text: &str) -> Result<Duration, String> {
+    match duration(text)? {
+        d if d.subsec_nanos() == 0 => Ok(d),
+        _ => Err(expected(SECONDS, text)),
+    }
+}
+
+fn timeout(text: &str) -> Result<Duration, String> {
+    duration(text).and_then(nonzero)
+}
+
+fn nonzero(d: Duration) -> Result<Duration, String> {
+    match d.is_zero() {
+        true => Err("must be greater than zero".into()),
+        false => Ok(d),
+    }
+}
+
+/// The inverse of [`duration`]: `60s`, `1500ms`.
+fn show_duration(d: Duration) -> String {
+    match d.subsec_nanos() {
+        0 => format!("{}s", d.as_secs()),
+        _ => format!("{}ms", d.as_millis()),
+    }
+}
+
+// === Files named by the settings ===
+
+/// Far above any HMAC key; smaller than any file mistaken for one.
+const MAX_SECRET_FILE: u64 = 64 * 1024;
+/// Far above a full public CA bundle (about 250 KiB).
+const MAX_CA_FILE: u64 = 16 * 1024 * 1024;
+
+/// Reads at most `limit` bytes: a path set to the wrong file (`/dev/zero`, a disk image) fails
+/// instead of exhausting memory.
+fn read_bounded(file: &Path, limit: u64) -> Result<Vec<u8>, String> {
+    let cannot_read = |e: std::io::Error| format!("cannot read {}: {e}", file.display());
+    let mut bytes = Vec::new();
+    fs::File::open(file)
+        .and_then(|f| f.take(limit + 1).read_to_end(&mut bytes))
+        .map_err(cannot_read)?;
+    if bytes.len() as u64 > limit {
+        return Err(format!("{} is larger than {limit} bytes", file.display()));
+    }
+    Ok(bytes)
+}
+
+fn read_certificates(file: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let pem = read_bounded(file, MAX_CA_FILE)?;
+    let certificates = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{} is not valid PEM: {e}", file.display()))?;
+    if certificates.is_empty() {
+        return Err(format!(
+            "{} holds no certificate (expected PEM \"BEGIN CERTIFICATE\" blocks)",
+            file.display()
+        ));
+    }
+    Ok(certificates)
+}
+
+fn read_secret(file: &Path) -> Result<Secret, String> {
+    let mut bytes = read_bounded(file, MAX_SECRET_FILE)?;
+    // `echo` and `kubectl create secret --from-file` often leave one line ending.
+    if bytes.ends_with(b"\n") {
+        bytes.pop();
+        if bytes.ends_with(b"\r") {
+            bytes.pop();
+        }
+    }
+    if std::str::from_utf8(&bytes).is_err() {
+        return Err(format!("{} is not valid UTF-8", file.display()));
+    }
+    if bytes.is_empty() {
+        return Err(format!("{} is empty", file.display()));
+    }
+    Ok(Secret::new(bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FILE: &str = "/etc/idmatch/idmatch-proxy.toml";
+    const SECRET: &str = "s3cr3t-that-must-never-leak";
+    const EXAMPLE: &str = include_str!("../config/idmatch-proxy.toml");
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    /// The two settings without a default, plus `extra`.
+    fn env_with(extra: &[(&str, &str)]) -> HashMap<String, String> {
+        let mut env = env(&[("IDMATCH_KEY_ID", "kid-1"), ("IDMATCH_SECRET", SECRET)]);
+        env.extend(self::env(extra));
+        env
+    }
+
+    fn load(file: Option<&str>, env: &HashMap<String, String>) -> Result<Loaded, ConfigError> {
+        Config::from_parts(file.map(|text| (Path::new(FILE), text)), env)
+    }
+
+    fn config(file: &str, extra_env: &[(&str, &str)]) -> Config {
+        load(Some(file), &env_with(extra_env)).unwrap().config
+    }
+
+    /// The error's message, checked to be one line without the secret.
+    fn error(file: Option<&str>, env: &HashMap<String, String>) -> String {
+        let message = load(file, env)
+            .expect_err("config should be rejected")
+            .to_string();
+        assert!(!message.contains('\n'), "not one line: {message}");
+        assert!(!message.contains(SECRET), "secret leaked: {message}");
+        message
+    }
+
+    fn file_error(file: &str) -> String {
+        error(Some(file), &env_with(&[]))
+    }
+
+    fn env_error(extra_env: &[(&str, &str)]) -> String {
+        error(None, &env_with(extra_env))
+    }
+
+    fn temp_file(contents: &[u8]) -> tempfile::NamedTempFile {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        std::io::Write::write_all(&mut file, contents).unwrap();
+        file
+    }
+
+    fn path_of(file: &tempfile::NamedTempFile) -> &str {
+        file.path().to_str().unwrap()
+    }
+
+    fn origin_of<'a>(loaded: &'a Loaded, key: &str) -> &'a Origin {
+        &loaded
+            .effective
+            .iter()
+            .find(|s| s.key == key)
+            .unwrap()
+            .origin
+    }
+
+    fn secs(n: u64) -> Duration {
+        Duration::from_secs(n)
+    }
+
+    #[test]
+    fn defaults() {
+        let loaded = load(None, &env_with(&[])).unwrap();
+        let config = &loaded.config;
+        assert_eq!(config.listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(config.shutdown_timeout, secs(20));
+        assert_eq!(
+            config.upstream.url(),
+            "https://api.cm.com/mobile-identity/v1"
+        );
+        assert_eq!(config.upstream.scheme, Scheme::HTTPS);
+        assert_eq!(config.upstream.authority, "api.cm.com");
+        assert_eq!(config.upstream.base_path, "/mobile-identity/v1");
+        assert_eq!(config.upstream.roots, Roots::Webpki);
+        assert!(config.upstream.extra_roots.is_empty());
+        assert_eq!(config.upstream.ca_file, None);
+        assert!(!config.upstream.allow_insecure_http);
+        assert_eq!(config.upstream.connect_timeout, secs(5));
+        assert_eq!(config.upstream.response_timeout, secs(30));
+        assert_eq!(config.credentials.key_id, "kid-1");
+        assert_eq!(config.credentials.secret.expose(), SECRET.as_bytes());
+        assert_eq!(config.credentials.secret_file, None);
+        assert_eq!(config.token, TokenSettings::default());
+        assert_eq!(origin_of(&loaded, "listen"), &Origin::Default);
+        assert_eq!(
+            origin_of(&loaded, "credentials.secret"),
+            &Origin::Env("IDMATCH_SECRET")
+        );
+    }
+
+    #[test]
+    fn file_overrides_default() {
+        let file = r#"
+            listen = "0.0.0.0:9000"
+            shutdown_timeout = "1m"
+            [upstream]
+            url = "https://api.cm.com/mobile-identity-sandbox/v1"
+            roots = "native"
+            connect_timeout = "1500ms"
+            [token]
+            lifetime = "2m"
+            refresh_before = "30s"
+        "#;
+        let loaded = load(Some(file), &env_with(&[])).unwrap();
+        let config = &loaded.config;
+        assert_eq!(config.listen, "0.0.0.0:9000".parse().unwrap());
+        assert_eq!(config.shutdown_timeout, secs(60));
+        assert_eq!(config.upstream.base_path, "/mobile-identity-sandbox/v1");
+        assert_eq!(config.upstream.roots, Roots::Native);
+        assert_eq!(config.upstream.connect_timeout, Duration::from_millis(1500));
+        assert_eq!(config.upstream.response_timeout, secs(30));
+        assert_eq!(config.token.lifetime, secs(120));
+        assert_eq!(config.token.refresh_before, secs(30));
+        assert_eq!(config.token.margin, secs(5));
+        let file_origin = Origin::File(FILE.into());
+        assert_eq!(origin_of(&loaded, "upstream.roots"), &file_origin);
+        assert_eq!(origin_of(&loaded, "token.margin"), &Origin::Default);
+    }
+
+    #[test]
+    fn env_overrides_file_per_key() {
+        let file = r#"
+            listen = "0.0.0.0:9000"
+            [upstream]
+            roots = "native"
+            [credentials]
+            key_id = "from-file"
+        "#;
+        let env = env(&[
+            ("IDMATCH_LISTEN", "[::1]:7000"),
+            ("IDMATCH_SECRET", SECRET),
+            ("IDMATCH_UNRELATED", "ignored"),
+        ]);
+        let loaded = load(Some(file), &env).unwrap();
+        assert_eq!(loaded.config.listen, "[::1]:7000".parse().unwrap());
+        assert_eq!(loaded.config.upstream.roots, Roots::Native);
+        assert_eq!(loaded.config.credentials.key_id, "from-file");
+        assert_eq!(origin_of(&loaded, "listen"), &Origin::Env("IDMATCH_LISTEN"));
+        assert_eq!(
+            origin_of(&loaded, "credentials.key_id"),
+            &Origin::File(FILE.into())
+        );
+    }
+
+    /// The example documents every key with its default, so the two cannot drift apart.
+    #[test]
+    fn example_file_shows_the_defaults() {
+        let secret = temp_file(b"example-secret\n");
+        let env = env(&[("IDMATCH_SECRET_FILE", path_of(&secret))]);
+        let example = load(Some(EXAMPLE), &env).unwrap();
+        let defaults = load(
+            None,
+            &self::env(&[
+                ("IDMATCH_KEY_ID", "3b438437-04a4-40bb-8389-54bb02766fba"),
+                ("IDMATCH_SECRET_FILE", path_of(&secret)),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(example.effective.len(), Key::ALL.len());
+        for (from_example, default) in example.effective.iter().zip(&defaults.effective) {
+            assert_eq!(from_example.key, default.key);
+            assert_eq!(from_example.value, default.value, "{}", default.key);
+            // Every key the file accepts is written out, except the one without a default.
+            let expected = match from_example.key {
+                "upstream.ca_file" => Origin::Default,
+                "credentials.secret_file" | "credentials.secret" => {
+                    Origin::Env("IDMATCH_SECRET_FILE")
+                }
+                _ => Origin::File(FILE.into()),
+            };
+            assert_eq!(from_example.origin, expected, "{}", from_example.key);
+        }
+        assert_eq!(example.config.token, TokenSettings::default());
+        assert_eq!(
+            example.config.credentials.secret.expose(),
+            b"example-secret"
+        );
+
+        // Without the override, the example's own secret file is used.
+        let message = error(Some(EXAMPLE), &HashMap::new());
+        assert!(
+            message.starts_with(&format!(
+                "credentials.secret_file in {FILE}: cannot read /run/secrets/idmatch/secret: "
+            )),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn duration_syntax() {
+        let ok = [
+            ("0s", Duration::ZERO),
+            ("500ms", Duration::from_millis(500)),
+            ("60s", secs(60)),
+            ("2m", secs(120)),
+            ("1h", secs(3600)),
+        ];
+        for (text, expected) in ok {
+            assert_eq!(duration(text), Ok(expected), "{text}");
+        }
+        for text in [
+            "",
+            "60",
+            "s",
+            "1.5s",
+            "-1s",
+            " 1s",
+            "1 s",
+            "1S",
+            "1d",
+            "1sec",
+            "99999999999999999999s",
+        ] {
+            assert!(duration(text).is_err(), "{text}");
+        }
+        assert!(duration(&format!("{}h", u64::MAX / 60)).is_err());
+        assert_eq!(show_duration(secs(60)), "60s");
+        assert_eq!(show_duration(Duration::from_millis(1500)), "1500ms");
+    }
+
+    #[test]
+    fn bad_duration_names_key_and_origin() {
+        assert_eq!(
+            env_error(&[("IDMATCH_TOKEN_LIFETIME", "abc")]),
+            r#"IDMATCH_TOKEN_LIFETIME (environment): expected a duration like 60s, 500ms or 2m, got "abc""#
+        );
+        assert_eq!(
+            file_error("[token]\nlifetime = \"abc\""),
+            format!(
+                r#"token.lifetime in {FILE}: expected a duration like 60s, 500ms or 2m, got "abc""#
+            )
+        );
+    }
+
+    #[test]
+    fn jwt_times_are_whole_seconds() {
+        let message = env_error(&[("IDMATCH_TOKEN_LIFETIME", "1500ms")]);
+        assert!(
+            message.starts_with("IDMATCH_TOKEN_LIFETIME (environment): expected whole seconds"),
+            "{message}"
+        );
+        let message = file_error("[token]\nbackdate = \"500ms\"");
+        assert!(
+            message.starts_with(&format!("token.backdate in {FILE}: expected whole seconds")),
+            "{message}"
+        );
+        // A fractional refresh_before could fall due again right after a refresh, since a
+        // fresh token's validity is itself a whole number of seconds minus the current fraction.
+        let message = env_error(&[("IDMATCH_TOKEN_REFRESH_BEFORE", "14500ms")]);
+        assert!(
+            message
+                .starts_with("IDMATCH_TOKEN_REFRESH_BEFORE (environment): expected whole seconds"),
+            "{message}"
+        );
+        // Other durations may be sub-second.
+        assert_eq!(
+            config("[token]\nmargin = \"500ms\"", &[]).token.margin,
+            Duration::from_millis(500)
+        );
+        assert_eq!(
+            config("", &[("IDMATCH_TOKEN_LIFETIME", "2m")])
+                .token
+                .lifetime,
+            secs(120)
+        );
+    }
+
+    #[test]
+    fn zero_lifetime_and_timeouts_are_refused() {
+        for var in [
+            "IDMATCH_TOKEN_LIFETIME",
+            "IDMATCH_UPSTREAM_CONNECT_TIMEOUT",
+            "IDMATCH_UPSTREAM_RESPONSE_TIMEOUT",
+            "IDMATCH_SHUTDOWN_TIMEOUT",
+        ] {
+            assert_eq!(
+                env_error(&[(var, "0s")]),
+                format!("{var} (environment): must be greater than zero")
+            );
+        }
+        // A zero backdate is fine: it just means trusting both clocks.
+        assert_eq!(
+            config("", &[("IDMATCH_TOKEN_BACKDATE", "0s")])
+                .token
+                .backdate,
+            Duration::ZERO
+        );
+    }
+
+    #[test]
+    fn token_timings_must_leave_room_for_refresh() {
+        assert_eq!(
+            env_error(&[("IDMATCH_TOKEN_MARGIN", "15s")]),
+            "IDMATCH_TOKEN_MARGIN (environment): must be less than token.refresh_before \
+             (15s, default) so that tokens are refreshed before they become too old to send, \
+             got 15s"
+        );
+        assert_eq!(
+            error(Some("[token]\nrefresh_before = \"55s\""), &env_with(&[])),
+            format!(
+                "token.refresh_before in {FILE}: must be less than token.lifetime (60s, default) \
+                 minus token.backdate (5s, default) = 55s, the validity of a fresh token, got 55s"
+            )
+        );
+        let message = error(
+            Some("[token]\nlifetime = \"10s\""),
+            &env_with(&[("IDMATCH_TOKEN_BACKDATE", "10s")]),
+        );
+        assert_eq!(
+            message,
+            format!(
+                "IDMATCH_TOKEN_BACKDATE (environment): must be less than token.lifetime \
+                 (10s, file {FILE}) or tokens are expired when minted, got 10s"
+            )
+        );
+        // The rules hold across layers and accept the tightest valid setting.
+        let token = config(
+            "[token]\nlifetime = \"10s\"\nbackdate = \"1s\"",
+            &[
+                ("IDMATCH_TOKEN_REFRESH_BEFORE", "8s"),
+                ("IDMATCH_TOKEN_MARGIN", "7s"),
+            ],
+        )
+        .token;
+        assert_eq!((token.refresh_before, token.margin), (secs(8), secs(7)));
+    }
+
+    #[test]
+    fn base_path_is_normalised() {
+        let cases = [
+            ("https://api.cm.com", "", "https://api.cm.com"),
+            ("https://api.cm.com/", "", "https://api.cm.com"),
+            (
+                "https://api.cm.com/mobile-identity/v1/",
+                "/mobile-identity/v1",
+                "https://api.cm.com/mobile-identity/v1",
+            ),
+            (
+                "https://api.cm.com/verification-service/v1",
+                "/verification-service/v1",
+                "https://api.cm.com/verification-service/v1",
+            ),
+            ("https://[::1]:8443/a//", "/a", "https://[::1]:8443/a"),
+        ];
+        for (url, base_path, round_trip) in cases {
+            let upstream = config("", &[("IDMATCH_UPSTREAM_URL", url)]).upstream;
+            assert_eq!(upstream.base_path, base_path, "{url}");
+            assert_eq!(upstream.url(), round_trip, "{url}");
+        }
+        let upstream =
+            config("", &[("IDMATCH_UPSTREAM_URL", "https://api.cm.com:8443/x")]).upstream;
+        assert_eq!(upstream.authority.host(), "api.cm.com");
+        assert_eq!(upstream.authority.port_u16(), Some(8443));
+    }
+
+    #[test]
+    fn bad_urls_are_refused() {
+        let cases = [
+            ("api.cm.com/v1", "expected an absolute URL like https://api.cm.com/mobile-identity/v1, got \"api.cm.com/v1\""),
+            ("/v1", "expected an absolute URL"),
+            ("not a url", "expected an absolute URL"),
+            ("ftp://api.cm.com/v1", "expected an https URL, got scheme \"ftp\""),
+            ("https://api.cm.com:99999/v1", "expected an absolute URL"),
+            ("https://api.cm.com:/v1", "expected an absolute URL"),
+            ("https://:443/v1", "expected an absolute URL"),
+            ("https:///v1", "expected an absolute URL"),
+            ("https://api.cm.com/v1?x=1", "must not have a query"),
+            ("https://api.cm.com/v1?", "must not have a query"),
+            ("https://api.cm.com/v1#top", "must not have a fragment"),
+        ];
+        for (url, problem) in cases {
+            let message = env_error(&[("IDMATCH_UPSTREAM_URL", url)]);
+            assert!(
+                message.starts_with(&format!("IDMATCH_UPSTREAM_URL (environment): {problem}")),
+                "{url}: {message}"
+            );
+        }
+        let message = file_error("[upstream]\nurl = \"https://user:hunter2@api.cm.com/v1\"");
+        assert!(
+            message.starts_with(&format!(
+                "upstream.url in {FILE}: must not contain user info"
+            )),
+            "{message}"
+        );
+        assert!(!message.contains("hunter2"), "{message}");
+    }
+
+    #[test]
+    fn insecure_http_needs_an_explicit_opt_in() {
+        let message = env_error(&[("IDMATCH_UPSTREAM_URL", "http://127.0.0.1:9000/v1")]);
+        assert!(
+            message.starts_with(
+                "IDMATCH_UPSTREAM_URL (environment): http:// would send the bearer token in clear"
+            ),
+            "{message}"
+        );
+        assert!(
+            message.contains("IDMATCH_UPSTREAM_ALLOW_INSECURE_HTTP=true"),
+            "{message}"
+        );
+        assert!(
+            message.contains("upstream.allow_insecure_http = true"),
+            "{message}"
+        );
+
+        // The two keys may come from different layers.
+        let upstream = config(
+            "[upstream]\nurl = \"http://127.0.0.1:9000/v1\"",
+            &[("IDMATCH_UPSTREAM_ALLOW_INSECURE_HTTP", "1")],
+        )
+        .upstream;
+        assert_eq!(upstream.scheme, Scheme::HTTP);
+        assert!(upstream.allow_insecure_http);
+        let upstream = config(
+            "[upstream]\nallow_insecure_http = true",
+            &[("IDMATCH_UPSTREAM_URL", "http://127.0.0.1:9000/")],
+        )
+        .upstream;
+        assert_eq!(upstream.url(), "http://127.0.0.1:9000");
+        // The opt-in does not turn https into http.
+        let upstream = config("[upstream]\nallow_insecure_http = true", &[]).upstream;
+        assert_eq!(upstream.scheme, Scheme::HTTPS);
+    }
+
+    #[test]
+    fn booleans() {
+        for (text, expected) in [("true", true), ("1", true), ("false", false), ("0", false)] {
+            let env = [("IDMATCH_UPSTREAM_ALLOW_INSECURE_HTTP", text)];
+            assert_eq!(
+                config("", &env).upstream.allow_insecure_http,
+                expected,
+                "{text}"
+            );
+        }
+        assert_eq!(
+            env_error(&[("IDMATCH_UPSTREAM_ALLOW_INSECURE_HTTP", "yes")]),
+            r#"IDMATCH_UPSTREAM_ALLOW_INSECURE_HTTP (environment): expected true, false, 1 or 0, got "yes""#
+        );
+        assert_eq!(
+            file_error("[upstream]\nallow_insecure_http = \"true\""),
+            format!(
+                "upstream.allow_insecure_http in {FILE}: expected true or false (unquoted), got a string"
+            )
+        );
+    }
+
+    #[test]
+    fn other_scalars() {
+        assert_eq!(
+            env_error(&[("IDMATCH_LISTEN", "localhost:8080")]),
+            r#"IDMATCH_LISTEN (environment): expected a socket address like 127.0.0.1:8080 or [::]:8080, got "localhost:8080""#
+        );
+        assert_eq!(
+            file_error("[upstream]\nroots = \"system\""),
+            format!(r#"upstream.roots in {FILE}: expected webpki or native, got "system""#)
+        );
+    }
+
+    #[test]
+    fn file_values_must_have_the_right_toml_type() {
+        assert_eq!(
+            file_error("[token]\nlifetime = 60"),
+            format!(
+                "token.lifetime in {FILE}: expected whole seconds like 60s or 2m (JWT times have \
+                 one-second resolution) as a quoted string, got an integer"
+            )
+        );
+        let message = file_error("[upstream]\nurl = [\"https://api.cm.com\"]");
+        assert!(
+            message.starts_with(&format!("upstream.url in {FILE}: expected an absolute URL")),
+            "{message}"
+        );
+        assert!(
+            message.ends_with("as a quoted string, got an array"),
+            "{message}"
+        );
+        let message = file_error("[upstream.url]\nhost = \"api.cm.com\"");
+        assert!(message.ends_with("got a table"), "{message}");
+        assert_eq!(
+            file_error("upstream = \"https://api.cm.com\""),
+            format!("upstream in {FILE}: expected a table, got a string")
+        );
+    }
+
+    #[test]
+    fn unknown_keys_name_file_and_line() {
+        let message = file_error("listen = \"127.0.0.1:1\"\n\n[upstream]\nurll = \"https://x\"\n");
+        assert_eq!(
+            message,
+            format!(
+                "{FILE} line 4: unknown key \"upstream.urll\" (expected one of: listen, \
+                 shutdown_timeout, upstream.url, upstream.roots, upstream.ca_file, \
+                 upstream.allow_insecure_http, upstream.connect_timeout, \
+                 upstream.response_timeout, credentials.key_id, credentials.secret_file, \
+                 token.lifetime, token.refresh_before, token.margin, token.backdate)"
+            )
+        );
+        assert!(file_error("\n[upstreams]\nurl = \"x\"")
+            .starts_with(&format!("{FILE} line 2: unknown key \"upstreams\" ")));
+        // `upstream.url.host` makes `upstream.url` a table.
+        assert!(file_error("upstream.url.host = \"x\"").ends_with("got a table"));
+        // A quoted key with a dot is a different key.
+        assert!(file_error("\"upstream.url\" = \"https://x\"")
+            .starts_with(&format!("{FILE} line 1: unknown key \"upstream.url\" ")));
+        // The first problem in the file is reported, not the first in key order.
+        assert!(file_error("zz = 1\naa = 2").contains("unknown key \"zz\""));
+    }
+
+    #[test]
+    fn syntax_errors_are_one_line() {
+        let cases = [
+            (
+                "listen = \"127.0.0.1:8080\"\n[token\nlifetime = \"60s\"\n",
+                "line 2: unclosed table, expected `]`",
+            ),
+            ("listen = \"a\"\nlisten = \"b\"\n", "line 2: duplicate key"),
+            (
+                "[upstream]\nurl = \n",
+                "line 2: string values must be quoted, expected literal string",
+            ),
+        ];
+        for (file, problem) in cases {
+            assert_eq!(file_error(file), format!("{FILE} {problem}"));
+        }
+    }
+
+    #[test]
+    fn key_id_is_required_and_non_empty() {
+        assert_eq!(
+            error(None, &env(&[("IDMATCH_SECRET", SECRET)])),
+            "credentials.key_id: required: set IDMATCH_KEY_ID or credentials.key_id in the config file"
+        );
+        assert_eq!(
+            error(
+                Some("[credentials]\nkey_id = \"\""),
+                &env(&[("IDMATCH_SECRET", SECRET)])
+            ),
+            format!("credentials.key_id in {FILE}: expected a non-empty string, got \"\"")
+        );
+        let id = "clé \"quoted\"";
+        assert_eq!(config("", &[("IDMATCH_KEY_ID", id)]).credentials.key_id, id);
+    }
+
+    #[test]
+    fn secret_is_required_from_exactly_one_source() {
+        assert_eq!(
+            error(None, &env(&[("IDMATCH_KEY_ID", "k")])),
+            "credentials.secret: required: set IDMATCH_SECRET_FILE (preferred) or IDMATCH_SECRET, \
+             or credentials.secret_file in the config file"
+        );
+        assert_eq!(
+            env_error(&[("IDMATCH_SECRET_FILE", "/run/secret")]),
+            "IDMATCH_SECRET and IDMATCH_SECRET_FILE (environment): both are set; set only one of them"
+        );
+        assert_eq!(
+            env_error(&[("IDMATCH_SECRET", "")]),
+            "IDMATCH_SECRET (environment): expected a non-empty string, got \"\""
+        );
+    }
+
+    #[test]
+    fn secret_is_refused_in_the_file() {
+        let file = format!("[credentials]\nkey_id = \"k\"\nsecret = \"{SECRET}\"\n");
+        let message = error(Some(&file), &env_with(&[]));
+        assert_eq!(
+            message,
+            format!(
+                "credentials.secret in {FILE}: the secret is not accepted in the config file \
+                 (often a ConfigMap); use credentials.secret_file or set IDMATCH_SECRET_FILE \
+                 (preferred) or IDMATCH_SECRET"
+            )
+        );
+        let message = error(
+            Some(&format!("credentials = {{ secret = \"{SECRET}\" }}")),
+            &env_with(&[]),
+        );
+        assert!(message.starts_with("credentials.secret in"), "{message}");
+    }
+
+    #[test]
+    fn environment_replaces_the_files_secret_source() {
+        let from_file = temp_file(b"from-file");
+        let from_env = temp_file(b"from-env-file");
+        let file = format!(
+            "[credentials]\nkey_id = \"k\"\nsecret_file = \"{}\"",
+            path_of(&from_file)
+        );
+
+        let loaded = load(Some(&file), &env(&[])).unwrap();
+        assert_eq!(loaded.config.credentials.secret.expose(), b"from-file");
+        assert_eq!(
+            loaded.config.credentials.secret_file.as_deref(),
+            Some(from_file.path())
+        );
+        assert_eq!(
+            origin_of(&loaded, "credentials.secret"),
+            &Origin::File(FILE.into())
+        );
+
+        let loaded = load(Some(&file), &env(&[("IDMATCH_SECRET", SECRET)])).unwrap();
+        assert_eq!(loaded.config.credentials.secret.expose(), SECRET.as_bytes());
+        assert_eq!(loaded.config.credentials.secret_file, None);
+
+        let loaded = load(
+            Some(&file),
+            &env(&[("IDMATCH_SECRET_FILE", path_of(&from_env))]),
+        )
+        .unwrap();
+        assert_eq!(loaded.config.credentials.secret.expose(), b"from-env-file");
+        assert_eq!(
+            loaded.config.credentials.secret_file.as_deref(),
+            Some(from_env.path())
+        );
+        assert_eq!(
+            origin_of(&loaded, "credentials.secret"),
+            &Origin::Env("IDMATCH_SECRET_FILE")
+        );
+    }
+
+    #[test]
+    fn secret_file_trailing_line_ending_is_stripped() {
+        let cases: [(&[u8], &[u8]); 4] = [
+            (b"abc", b"abc"),
+            (b"abc\n", b"abc"),
+            (b"abc\r\n", b"abc"),
+            // Only one line ending: anything else is part of the secret.
+            (b" abc \n\n", b" abc \n"),
+        ];
+        for (contents, expected) in cases {
+            let file = temp_file(contents);
+            let env = env(&[
+                ("IDMATCH_KEY_ID", "k"),
+                ("IDMATCH_SECRET_FILE", path_of(&file)),
+            ]);
+            let secret = load(None, &env).unwrap().config.credentials.secret;
+            assert_eq!(secret.expose(), expected, "{contents:?}");
+            assert_eq!(secret.len(), expected.len());
+        }
+    }
+
+    #[test]
+    fn bad_secret_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing");
+        let message = error(
+            None,
+            &env(&[
+                ("IDMATCH_KEY_ID", "k"),
+                ("IDMATCH_SECRET_FILE", missing.to_str().unwrap()),
+            ]),
+        );
+        assert_eq!(
+            message,
+            format!(
+                "IDMATCH_SECRET_FILE (environment): cannot read {}: No such file or directory (os error 2)",
+                missing.display()
+            )
+        );
+        for (contents, problem) in [
+            (&b""[..], "is empty"),
+            (b"\n", "is empty"),
+            (b"\r\n", "is empty"),
+            (b"\xff\xfe\n", "is not valid UTF-8"),
+        ] {
+            let secret = temp_file(contents);
+            let file = format!(
+                "[credentials]\nkey_id = \"k\"\nsecret_file = \"{}\"",
+                path_of(&secret)
+            );
+            assert_eq!(
+                error(Some(&file), &env(&[])),
+                format!(
+                    "credentials.secret_file in {FILE}: {} {problem}",
+                    path_of(&secret)
+                )
+            );
+        }
+        assert_eq!(
+            env_error(&[("IDMATCH_SECRET", ""), ("IDMATCH_SECRET_FILE", "")]),
+            "IDMATCH_SECRET and IDMATCH_SECRET_FILE (environment): both are set; set only one of them"
+        );
+    }
+
+    #[test]
+    fn secret_never_shows() {
+        let loaded = load(None, &env_with(&[])).unwrap();
+        for shown in [
+            format!("{loaded:?}"),
+            format!("{:?}", loaded.config),
+            format!("{:#?}", loaded.config.credentials),
+            loaded.render(),
+        ] {
+            assert!(!shown.contains(SECRET), "secret leaked: {shown}");
+        }
+        assert_eq!(
+            format!("{:?}", loaded.config.credentials.secret),
+            "Secret(<redacted>)"
+        );
+        assert!(format!("{:?}", loaded.config).contains("Secret(<redacted>)"));
+        let row = loaded
+            .effective
+            .iter()
+            .find(|s| s.key == "credentials.secret")
+            .unwrap();
+        assert_eq!(row.value, format!("<redacted, {} bytes>", SECRET.len()));
+    }
+
+    const CERTIFICATE: &str = "-----BEGIN CERTIFICATE-----\nAQIDBA==\n-----END CERTIFICATE-----\n";
+
+    #[test]
+    fn oversized_files_are_refused() {
+        let big = temp_file(&vec![b'x'; MAX_SECRET_FILE as usize + 1]);
+        let env = env(&[
+            ("IDMATCH_KEY_ID", "k"),
+            ("IDMATCH_SECRET_FILE", path_of(&big)),
+        ]);
+        assert_eq!(
+            error(None, &env),
+            format!(
+                "IDMATCH_SECRET_FILE (environment): {} is larger than 65536 bytes",
+                path_of(&big)
+            )
+        );
+        let exactly = temp_file(&vec![b'x'; MAX_SECRET_FILE as usize]);
+        let env = self::env(&[
+            ("IDMATCH_KEY_ID", "k"),
+            ("IDMATCH_SECRET_FILE", path_of(&exactly)),
+        ]);
+        assert_eq!(
+            load(None, &env).unwrap().config.credentials.secret.len(),
+            65536
+        );
+    }
+
+    #[test]
+    fn every_key_is_listed_once() {
+        let distinct = Key::ALL.iter().collect::<std::collections::HashSet<_>>();
+        assert_eq!(distinct.len(), Key::ALL.len());
+    }
+
+    #[test]
+    fn ca_file_adds_certificates() {
+        // The PEM layer does not look inside the DER; rustls does, when the client is built.
+        let bundle = temp_file(format!("# comment\n{CERTIFICATE}{CERTIFICATE}").as_bytes());
+        let upstream = config("", &[("IDMATCH_UPSTREAM_CA_FILE", path_of(&bundle))]).upstream;
+        assert_eq!(upstream.extra_roots.len(), 2);
+        assert_eq!(upstream.extra_roots[0].as_ref(), &[1, 2, 3, 4]);
+        assert_eq!(upstream.ca_file.as_deref(), Some(bundle.path()));
+        assert_eq!(upstream.roots, Roots::Webpki);
+    }
+
+    #[test]
+    fn bad_ca_files() {
+        let message = env_error(&[("IDMATCH_UPSTREAM_CA_FILE", "/nonexistent/ca.pem")]);
+        assert_eq!(
+            message,
+            "IDMATCH_UPSTREAM_CA_FILE (environment): cannot read /nonexistent/ca.pem: \
+             No such file or directory (os error 2)"
+        );
+        let key_only =
+            temp_file(b"-----BEGIN PRIVATE KEY-----\nAQIDBA==\n-----END PRIVATE KEY-----\n");
+        let file = format!("[upstream]\nca_file = \"{}\"", path_of(&key_only));
+        assert_eq!(
+            file_error(&file),
+            format!(
+                "upstream.ca_file in {FILE}: {} holds no certificate (expected PEM \"BEGIN CERTIFICATE\" blocks)",
+                path_of(&key_only)
+            )
+        );
+        let truncated = temp_file(b"-----BEGIN CERTIFICATE-----\nAQIDBA==\n");
+        let message = env_error(&[("IDMATCH_UPSTREAM_CA_FILE", path_of(&truncated))]);
+        assert!(
+            message.starts_with(&format!(
+                "IDMATCH_UPSTREAM_CA_FILE (environment): {} is not valid PEM: ",
+                path_of(&truncated)
+            )),
+            "{message}"
+        );
+        assert_eq!(
+            env_error(&[("IDMATCH_UPSTREAM_CA_FILE", "")]),
+            "IDMATCH_UPSTREAM_CA_FILE (environment): expected a file path, got \"\""
+        );
+    }
+
+    #[test]
+    fn load_reads_the_file() {
+        let file = temp_file(b"[credentials]\nkey_id = \"from-disk\"\n");
+        let loaded = Config::load(Some(file.path()), &env(&[("IDMATCH_SECRET", SECRET)])).unwrap();
+        assert_eq!(loaded.config.credentials.key_id, "from-disk");
+        assert_eq!(
+            origin_of(&loaded, "credentials.key_id"),
+            &Origin::File(file.path().to_owned())
+        );
+        let message = Config::load(Some(Path::new("/nonexistent.toml")), &env_with(&[]))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            message,
+            "config file /nonexistent.toml: cannot read: No such file or directory (os error 2)"
+        );
+    }
+
+    #[test]
+    fn render_is_an_aligned_table() {
+        let loaded = load(
+            Some("[upstream]\nroots = \"native\""),
+            &env_with(&[("IDMATCH_LISTEN", "0.0.0.0:80")]),
+        )
+        .unwrap();
+        let rendered = loaded.render();
+        let lines = rendered.lines().collect::<Vec<_>>();
+        assert_eq!(lines.len(), Key::ALL.len() + 1);
+        let value_column = lines[0].find("VALUE").unwrap();
+        let origin_column = lines[0].find("ORIGIN").unwrap();
+        for line in &lines {
+            assert_eq!(line.chars().nth(value_column - 1), Some(' '), "{line}");
+            assert_ne!(line.chars().nth(value_column), Some(' '), "{line}");
+            assert_ne!(line.chars().nth(origin_column), Some(' '), "{line}");
+        }
+        assert!(lines.contains(&"listen                        0.0.0.0:80                             env IDMATCH_LISTEN"), "{rendered}");
+        assert!(rendered.contains(&format!("upstream.roots                native                                 file {FILE}\n")), "{rendered}");
+        assert!(
+            rendered.contains(
+                "upstream.ca_file              (none)                                 default\n"
+            ),
+            "{rendered}"
+        );
+    }
+}

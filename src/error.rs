@@ -1,0 +1,185 @@
+//! What can go wrong with a request, and the one place that turns it into a response.
+//!
+//! Responses the proxy makes itself carry `Proxy-Status` (RFC 9209) naming this proxy and the
+//! error type, and a JSON body `{"error":{"code","message"}}` whose `code` is the same RFC 9209
+//! error type. A client tells them from CM.com's own answers by that header.
+
+use std::error::Error as StdError;
+use std::io;
+
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue, CONTENT_TYPE};
+use http::{Response, StatusCode};
+use http_body_util::Full;
+
+/// The `Proxy-Status` field of RFC 9209.
+pub static PROXY_STATUS: HeaderName = HeaderName::from_static("proxy-status");
+
+/// How this proxy names itself in `Proxy-Status`.
+const PROXY_NAME: &str = "idmatch-proxy";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("{0} is not supported: this proxy forwards requests to one fixed upstream")]
+    MethodRefused(http::Method),
+    #[error("the request target names another authority ({0}): this is not a forward proxy; send origin-form paths such as /sim-swap")]
+    ForeignAuthority(String),
+    #[error("the request target must be an absolute path such as /sim-swap")]
+    InvalidTarget,
+    #[error("cannot resolve the upstream host: {0}")]
+    Dns(String),
+    #[error("the upstream refused the connection")]
+    ConnectionRefused,
+    #[error("connecting to the upstream timed out")]
+    ConnectTimeout,
+    #[error("the upstream's TLS certificate was rejected: {0}")]
+    TlsCertificate(String),
+    #[error("the TLS handshake with the upstream failed: {0}")]
+    TlsProtocol(String),
+    #[error("cannot connect to the upstream: {0}")]
+    Unreachable(String),
+    #[error("the upstream sent no response headers within {0:?}")]
+    ResponseTimeout(std::time::Duration),
+    #[error("the upstream closed the connection before responding: {0}")]
+    Terminated(String),
+}
+
+impl ProxyError {
+    /// Sorts a client error by walking its causes. rustls' errors arrive wrapped in one or two
+    /// `io::Error`s, whose `source` skips the error they wrap, so those are opened by `get_ref`.
+    pub fn from_upstream(error: hyper_util::client::legacy::Error) -> Self {
+        let mut cause: Option<&(dyn StdError + 'static)> = Some(&error);
+        while let Some(e) = cause {
+            if let Some(tls) = e.downcast_ref::<rustls::Error>() {
+                return Self::from_tls(tls);
+            }
+            if let Some(dns) = e.downcast_ref::<crate::upstream::DnsError>() {
+                return Self::Dns(dns.to_string());
+            }
+            if e.is::<crate::upstream::ConnectTimeout>() {
+                return Self::ConnectTimeout;
+            }
+            cause = match e.downcast_ref::<io::Error>() {
+                Some(io) => match io.kind() {
+                    io::ErrorKind::ConnectionRefused => return Self::ConnectionRefused,
+                    io::ErrorKind::TimedOut => return Self::ConnectTimeout,
+                    _ => io.get_ref().map(|inner| inner as &(dyn StdError + 'static)),
+                },
+                None => e.source(),
+            };
+        }
+        let detail = chain(&error);
+        if error.is_connect() {
+            Self::Unreachable(detail)
+        } else {
+            Self::Terminated(detail)
+        }
+    }
+
+    fn from_tls(error: &rustls::Error) -> Self {
+        match error {
+            rustls::Error::InvalidCertificate(_) => Self::TlsCertificate(error.to_string()),
+            _ => Self::TlsProtocol(error.to_string()),
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::MethodRefused(_) => StatusCode::METHOD_NOT_ALLOWED,
+            Self::ForeignAuthority(_) => StatusCode::MISDIRECTED_REQUEST,
+            Self::InvalidTarget => StatusCode::BAD_REQUEST,
+            Self::ConnectTimeout | Self::ResponseTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Self::Dns(_)
+            | Self::ConnectionRefused
+            | Self::TlsCertificate(_)
+            | Self::TlsProtocol(_)
+            | Self::Unreachable(_)
+            | Self::Terminated(_) => StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    /// The RFC 9209 §2.3 error type, used as the JSON `code` too.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::MethodRefused(_) | Self::ForeignAuthority(_) => "http_request_denied",
+            Self::InvalidTarget => "http_request_error",
+            Self::Dns(_) => "dns_error",
+            Self::ConnectionRefused => "connection_refused",
+            Self::ConnectTimeout => "connection_timeout",
+            Self::TlsCertificate(_) => "tls_certificate_error",
+            Self::TlsProtocol(_) => "tls_protocol_error",
+            Self::Unreachable(_) => "destination_unavailable",
+            Self::ResponseTimeout(_) => "http_response_timeout",
+            Self::Terminated(_) => "connection_terminated",
+        }
+    }
+
+    /// Whether the client, rather than the upstream, is at fault.
+    pub fn is_client_error(&self) -> bool {
+        self.status().is_client_error()
+    }
+
+    pub fn into_response(self) -> Response<Full<Bytes>> {
+        let body = serde_json::json!({
+            "error": { "code": self.code(), "message": self.to_string() }
+        });
+        let proxy_status = format!("{PROXY_NAME}; error={}", self.code());
+        let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+        *response.status_mut() = self.status();
+        let headers = response.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(
+            PROXY_STATUS.clone(),
+            HeaderValue::try_from(proxy_status).expect("ASCII"),
+        );
+        response
+    }
+}
+
+/// `error: cause: cause`, as one line.
+fn chain(error: &dyn StdError) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(e) = cause {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        cause = e.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    #[tokio::test]
+    async fn renders_json_with_proxy_status() {
+        let response = ProxyError::ConnectionRefused.into_response();
+        assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+        assert_eq!(
+            response.headers()[&PROXY_STATUS],
+            "idmatch-proxy; error=connection_refused"
+        );
+        assert_eq!(response.headers()[CONTENT_TYPE], "application/json");
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(json["error"]["code"], "connection_refused");
+        assert_eq!(
+            json["error"]["message"],
+            "the upstream refused the connection"
+        );
+    }
+
+    #[test]
+    fn timeouts_are_504_and_refusals_4xx() {
+        assert_eq!(
+            ProxyError::ConnectTimeout.status(),
+            StatusCode::GATEWAY_TIMEOUT
+        );
+        let timeout = ProxyError::ResponseTimeout(std::time::Duration::from_secs(1));
+        assert_eq!(timeout.status(), StatusCode::GATEWAY_TIMEOUT);
+        assert!(ProxyError::MethodRefused(http::Method::CONNECT).is_client_error());
+        assert!(!ProxyError::Terminated("x".into()).is_client_error());
+    }
+}

@@ -1,0 +1,204 @@
+//! Header hygiene between the client and the upstream.
+
+use http::header::{
+    HeaderName, AUTHORIZATION, CONNECTION, HOST, PROXY_AUTHORIZATION, TE, TRAILER,
+    TRANSFER_ENCODING, UPGRADE,
+};
+use http::{HeaderMap, HeaderValue};
+
+/// The fixed hop-by-hop fields of RFC 9110 §7.6.1, plus `Keep-Alive` and `Proxy-Connection`,
+/// which predate it and which clients still send.
+static HOP_BY_HOP: [HeaderName; 7] = [
+    CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    TE,
+    TRANSFER_ENCODING,
+    UPGRADE,
+    TRAILER,
+];
+
+/// Removes the fields that describe one connection rather than the message (RFC 9110
+/// §7.6.1): every field named in `Connection`, then the fixed list. Used in both directions.
+pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    strip(headers, false);
+}
+
+/// Turns the client's request headers into the upstream's: hop-by-hop fields and the client's
+/// own credentials go, our `Host` and exactly one `Authorization` come in. Everything else stays
+/// in its original order.
+pub fn rewrite_request(headers: &mut HeaderMap, host: HeaderValue, authorization: HeaderValue) {
+    strip(headers, true);
+    // `insert` replaces every value the client sent, in the first one's place.
+    headers.insert(HOST, host);
+    headers.insert(AUTHORIZATION, authorization);
+}
+
+/// Removes hop-by-hop fields (and `Proxy-Authorization` if `credentials`), keeping the order of
+/// the rest. `HeaderMap::remove` would move the last field into the hole, so when there is
+/// something to remove the map is rebuilt; usually there is nothing, and nothing is allocated.
+fn strip(headers: &mut HeaderMap, credentials: bool) {
+    let named = connection_named(headers);
+    let doomed = |name: &HeaderName| {
+        HOP_BY_HOP.contains(name)
+            || named.contains(name)
+            || (credentials && name == PROXY_AUTHORIZATION)
+    };
+    if !headers.keys().any(doomed) {
+        return;
+    }
+    let old = std::mem::replace(headers, HeaderMap::with_capacity(headers.len()));
+    // `into_iter` names a field once, then yields its further values with `None`.
+    let mut kept: Option<HeaderName> = None;
+    for (name, value) in old {
+        if let Some(name) = name {
+            kept = (!doomed(&name)).then_some(name);
+        }
+        if let Some(name) = &kept {
+            headers.append(name.clone(), value);
+        }
+    }
+}
+
+/// The fields that `Connection` declares hop-by-hop.
+fn connection_named(headers: &HeaderMap) -> Vec<HeaderName> {
+    headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for (name, value) in pairs {
+            headers.append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_str(value).unwrap(),
+            );
+        }
+        headers
+    }
+
+    fn pairs(headers: &HeaderMap) -> Vec<(String, String)> {
+        headers
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.to_str().unwrap().to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn each_fixed_hop_by_hop_field_is_removed() {
+        for name in [
+            "connection",
+            "keep-alive",
+            "proxy-connection",
+            "te",
+            "transfer-encoding",
+            "upgrade",
+            "trailer",
+        ] {
+            let mut headers = map(&[(name, "x"), ("content-type", "application/json")]);
+            remove_hop_by_hop(&mut headers);
+            assert_eq!(
+                pairs(&headers),
+                [("content-type".into(), "application/json".into())],
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn fields_named_by_connection_are_removed() {
+        let mut headers = map(&[
+            ("connection", "keep-alive, X-Hop , x-other"),
+            ("connection", "x-third,,"),
+            ("x-hop", "1"),
+            ("x-other", "2"),
+            ("x-third", "3"),
+            ("x-end-to-end", "4"),
+        ]);
+        remove_hop_by_hop(&mut headers);
+        assert_eq!(pairs(&headers), [("x-end-to-end".into(), "4".into())]);
+    }
+
+    #[test]
+    fn request_gets_exactly_one_authorization_and_our_host() {
+        let mut headers = map(&[
+            ("host", "evil.example"),
+            ("authorization", "Basic client"),
+            ("authorization", "Bearer client"),
+            ("proxy-authorization", "Basic p"),
+            ("accept", "application/json"),
+        ]);
+        rewrite_request(
+            &mut headers,
+            HeaderValue::from_static("api.cm.com"),
+            HeaderValue::from_static("Bearer ours"),
+        );
+        assert_eq!(
+            pairs(&headers),
+            [
+                ("host".into(), "api.cm.com".into()),
+                ("authorization".into(), "Bearer ours".into()),
+                ("accept".into(), "application/json".into()),
+            ]
+        );
+    }
+
+    #[test]
+    fn connection_cannot_smuggle_out_our_authorization() {
+        let mut headers = map(&[("connection", "authorization, host")]);
+        rewrite_request(
+            &mut headers,
+            HeaderValue::from_static("api.cm.com"),
+            HeaderValue::from_static("Bearer ours"),
+        );
+        assert_eq!(headers.get_all(AUTHORIZATION).iter().count(), 1);
+        assert_eq!(headers[HOST], "api.cm.com");
+    }
+
+    #[test]
+    fn removal_keeps_the_order_of_the_rest() {
+        let mut headers = map(&[
+            ("x-a", "1"),
+            ("te", "trailers"),
+            ("x-b", "2"),
+            ("proxy-authorization", "Basic p"),
+            ("x-c", "3"),
+            ("x-a", "4"),
+            ("x-d", "5"),
+        ]);
+        rewrite_request(
+            &mut headers,
+            HeaderValue::from_static("api.cm.com"),
+            HeaderValue::from_static("Bearer ours"),
+        );
+        let names: Vec<_> = headers.keys().map(|n| n.as_str()).collect();
+        assert_eq!(names, ["x-a", "x-b", "x-c", "x-d", "host", "authorization"]);
+        assert_eq!(
+            headers.get_all("x-a").iter().collect::<Vec<_>>(),
+            ["1", "4"]
+        );
+    }
+
+    #[test]
+    fn duplicates_keep_their_order() {
+        let mut headers = map(&[
+            ("x-dup", "first"),
+            ("accept", "a"),
+            ("x-dup", "second"),
+            ("x-dup", "third"),
+        ]);
+        remove_hop_by_hop(&mut headers);
+        let dup: Vec<_> = headers.get_all("x-dup").iter().collect();
+        assert_eq!(dup, ["first", "second", "third"]);
+        assert_eq!(headers["accept"], "a");
+    }
+}

@@ -1,0 +1,416 @@
+//! The one token every request shares, and the task that keeps it fresh.
+//!
+//! The request path reads a prebuilt `HeaderValue` through an [`ArcSwap`]: no lock, no signing,
+//! no formatting. A background task re-mints `refresh_before` ahead of `exp`. Should that task
+//! run late (a starved runtime, a suspended host, a wall-clock step), the request path notices
+//! that the cached token is about to expire and mints one itself, behind a lock so that a burst
+//! of requests signs once rather than once per request.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use http::HeaderValue;
+
+use super::jwt::{Claims, Signer};
+use crate::config::TokenSettings;
+
+/// Wall-clock time, injectable so that tests can move it.
+///
+/// Wall time rather than monotonic: `exp` and `nbf` are judged on CM.com's wall clock.
+pub trait Clock: Send + Sync + 'static {
+    /// Time since the UNIX epoch.
+    fn now(&self) -> Duration;
+}
+
+/// The system's real-time clock.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> Duration {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+    }
+}
+
+/// A minted token and the window in which the request path may use it.
+struct Minted {
+    authorization: HeaderValue,
+    claims: Claims,
+    /// `nbf`: before it (the clock stepped back) the upstream would refuse the token.
+    usable_from: Duration,
+    /// `exp - margin`.
+    usable_until: Duration,
+}
+
+/// Counts of signings, by who did them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MintCounts {
+    /// By the background refresher (and the first one, at start).
+    pub background: u64,
+    /// By the request path, because the refresher was late.
+    pub inline: u64,
+}
+
+pub struct TokenCache {
+    signer: Signer,
+    settings: TokenSettings,
+    clock: Arc<dyn Clock>,
+    current: ArcSwap<Minted>,
+    /// Serialises minting, so concurrent stale readers sign once.
+    mint_lock: Mutex<()>,
+    background_mints: AtomicU64,
+    inline_mints: AtomicU64,
+}
+
+impl TokenCache {
+    /// Mints the first token at once: a cache is never empty.
+    pub fn new(signer: Signer, settings: TokenSettings, clock: Arc<dyn Clock>) -> Self {
+        let first = mint(&signer, &settings, clock.now());
+        Self {
+            signer,
+            settings,
+            clock,
+            current: ArcSwap::from_pointee(first),
+            mint_lock: Mutex::new(()),
+            background_mints: AtomicU64::new(1),
+            inline_mints: AtomicU64::new(0),
+        }
+    }
+
+    /// The `Authorization` value for a request about to be sent: `Bearer <token>`, with at
+    /// least `margin` of validity left.
+    #[inline]
+    pub fn authorization(&self) -> HeaderValue {
+        let now = self.clock.now();
+        let current = self.current.load();
+        if current.usable_from <= now && now < current.usable_until {
+            return current.authorization.clone();
+        }
+        drop(current);
+        self.mint_inline()
+    }
+
+    #[cold]
+    fn mint_inline(&self) -> HeaderValue {
+        let _minting = self.mint_lock.lock().unwrap_or_else(|e| e.into_inner());
+        // Whoever held the lock before us may have minted a fresh one already.
+        let now = self.clock.now();
+        let current = self.current.load();
+        if current.usable_from <= now && now < current.usable_until {
+            return current.authorization.clone();
+        }
+        let minted = mint(&self.signer, &self.settings, now);
+        let authorization = minted.authorization.clone();
+        self.current.store(Arc::new(minted));
+        self.inline_mints.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!("token refresh was late; minted one on the request path");
+        authorization
+    }
+
+    /// How long until the background refresh is due (zero if it is).
+    pub fn refresh_due_in(&self) -> Duration {
+        let current = self.current.load();
+        let due_at =
+            Duration::from_secs(current.claims.exp).saturating_sub(self.settings.refresh_before);
+        let now = self.clock.now();
+        if now < current.usable_from {
+            return Duration::ZERO;
+        }
+        due_at.saturating_sub(now)
+    }
+
+    /// Re-mints if the refresh is due; returns whether it did.
+    pub fn refresh_if_due(&self) -> bool {
+        let _minting = self.mint_lock.lock().unwrap_or_else(|e| e.into_inner());
+        if !self.refresh_due_in().is_zero() {
+            return false;
+        }
+        self.current.store(Arc::new(mint(
+            &self.signer,
+            &self.settings,
+            self.clock.now(),
+        )));
+        self.background_mints.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!("token refreshed");
+        true
+    }
+
+    /// Keeps the token fresh, forever: spawn it next to the server.
+    pub async fn run_refresher(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(self.refresh_due_in()).await;
+            self.refresh_if_due();
+        }
+    }
+
+    /// The claims of the cached token.
+    pub fn claims(&self) -> Claims {
+        self.current.load().claims
+    }
+
+    pub fn mint_counts(&self) -> MintCounts {
+        MintCounts {
+            background: self.background_mints.load(Ordering::Relaxed),
+            inline: self.inline_mints.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl std::fmt::Debug for TokenCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenCache")
+            .field("claims", &self.claims())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The claims of a token minted at `now`: iat = nbf = now - backdate (tolerating an upstream
+/// clock behind ours), exp = iat + lifetime. Whole seconds, as JWT requires: the fraction of
+/// `now` is dropped, never rounded up, so `nbf` is never in the future.
+pub fn claims_at(settings: &TokenSettings, now: Duration) -> Claims {
+    let iat = now.as_secs().saturating_sub(settings.backdate.as_secs());
+    Claims {
+        iat,
+        nbf: iat,
+        exp: iat + settings.lifetime.as_secs(),
+    }
+}
+
+fn mint(signer: &Signer, settings: &TokenSettings, now: Duration) -> Minted {
+    let claims = claims_at(settings, now);
+    let mut authorization = HeaderValue::try_from(format!("Bearer {}", signer.sign(claims)))
+        .expect("base64url and dots are valid header bytes");
+    authorization.set_sensitive(true);
+    Minted {
+        authorization,
+        claims,
+        usable_from: Duration::from_secs(claims.nbf),
+        usable_until: Duration::from_secs(claims.exp).saturating_sub(settings.margin),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU64;
+    use std::sync::Barrier;
+
+    const T0: u64 = 1_800_000_000;
+
+    /// A clock tests move by hand, in milliseconds.
+    #[derive(Default)]
+    struct ManualClock(AtomicU64);
+
+    impl ManualClock {
+        fn at(secs: u64) -> Arc<Self> {
+            Arc::new(Self(AtomicU64::new(secs * 1000)))
+        }
+        fn set(&self, t: Duration) {
+            self.0.store(t.as_millis() as u64, Ordering::SeqCst);
+        }
+        fn advance(&self, by: Duration) {
+            self.0.fetch_add(by.as_millis() as u64, Ordering::SeqCst);
+        }
+    }
+
+    impl Clock for ManualClock {
+        fn now(&self) -> Duration {
+            Duration::from_millis(self.0.load(Ordering::SeqCst))
+        }
+    }
+
+    fn settings() -> TokenSettings {
+        TokenSettings {
+            lifetime: Duration::from_secs(60),
+            refresh_before: Duration::from_secs(15),
+            margin: Duration::from_secs(5),
+            backdate: Duration::from_secs(5),
+        }
+    }
+
+    fn cache(clock: Arc<ManualClock>) -> TokenCache {
+        TokenCache::new(Signer::new("kid", b"secret"), settings(), clock)
+    }
+
+    /// The claims inside an `Authorization` value, decoded independently of the signer.
+    fn claims_of(value: &HeaderValue) -> Claims {
+        use base64::Engine;
+        let token = value.to_str().unwrap().strip_prefix("Bearer ").unwrap();
+        let payload = token.split('.').nth(1).unwrap();
+        let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&json).unwrap();
+        let n = |k: &str| v[k].as_u64().unwrap();
+        Claims {
+            iat: n("iat"),
+            nbf: n("nbf"),
+            exp: n("exp"),
+        }
+    }
+
+    fn remaining(value: &HeaderValue, now: Duration) -> Duration {
+        Duration::from_secs(claims_of(value).exp).saturating_sub(now)
+    }
+
+    #[test]
+    fn first_token_is_backdated_and_marked_sensitive() {
+        let clock = ManualClock::at(T0);
+        clock.advance(Duration::from_millis(999));
+        let value = cache(clock).authorization();
+        assert!(value.is_sensitive());
+        assert_eq!(
+            claims_of(&value),
+            Claims {
+                iat: T0 - 5,
+                nbf: T0 - 5,
+                exp: T0 + 55
+            }
+        );
+    }
+
+    #[test]
+    fn requests_share_the_cached_token_until_refresh() {
+        let clock = ManualClock::at(T0);
+        let cache = cache(clock.clone());
+        let first = cache.authorization();
+        clock.advance(Duration::from_secs(39));
+        assert_eq!(cache.authorization(), first);
+        assert_eq!(
+            cache.mint_counts(),
+            MintCounts {
+                background: 1,
+                inline: 0
+            }
+        );
+    }
+
+    #[test]
+    fn refresh_is_scheduled_refresh_before_ahead_of_exp() {
+        let clock = ManualClock::at(T0);
+        let cache = cache(clock.clone());
+        // exp = T0 + 55, so the refresh is due at T0 + 40.
+        assert_eq!(cache.refresh_due_in(), Duration::from_secs(40));
+        clock.advance(Duration::from_millis(39_999));
+        assert_eq!(cache.refresh_due_in(), Duration::from_millis(1));
+        assert!(!cache.refresh_if_due());
+
+        clock.advance(Duration::from_millis(1));
+        assert!(cache.refresh_if_due());
+        assert_eq!(cache.claims().exp, T0 + 40 + 55);
+        assert_eq!(cache.refresh_due_in(), Duration::from_secs(40));
+        assert_eq!(
+            cache.mint_counts(),
+            MintCounts {
+                background: 2,
+                inline: 0
+            }
+        );
+    }
+
+    /// The invariant: whatever the refresher does, no token leaves with less than `margin`.
+    #[test]
+    fn request_path_never_returns_a_token_inside_the_margin() {
+        let clock = ManualClock::at(T0);
+        let cache = cache(clock.clone());
+        let margin = settings().margin;
+        // The refresher never runs; walk time through three lifetimes in 250 ms steps.
+        for _ in 0..(3 * 60 * 4) {
+            clock.advance(Duration::from_millis(250));
+            let now = clock.now();
+            let value = cache.authorization();
+            assert!(
+                remaining(&value, now) >= margin,
+                "at {now:?}: {:?}",
+                claims_of(&value)
+            );
+            assert!(Duration::from_secs(claims_of(&value).nbf) <= now);
+        }
+        // Each inline mint lasts exp - margin - now = 55 - 5 = 50 s of the 180 s walked.
+        assert_eq!(cache.mint_counts().inline, 3);
+    }
+
+    #[test]
+    fn a_suspended_process_mints_a_fresh_token_on_its_first_request() {
+        let clock = ManualClock::at(T0);
+        let cache = cache(clock.clone());
+        clock.advance(Duration::from_secs(3600));
+        let value = cache.authorization();
+        assert_eq!(claims_of(&value).iat, T0 + 3600 - 5);
+        assert_eq!(cache.mint_counts().inline, 1);
+        // The refresher, when it finally runs, has nothing to do.
+        assert!(!cache.refresh_if_due());
+    }
+
+    #[test]
+    fn a_clock_stepped_back_gets_a_token_that_is_already_valid() {
+        let clock = ManualClock::at(T0);
+        let cache = cache(clock.clone());
+        clock.set(Duration::from_secs(T0 - 600));
+        assert_eq!(cache.refresh_due_in(), Duration::ZERO);
+        let value = cache.authorization();
+        assert_eq!(claims_of(&value).nbf, T0 - 605);
+    }
+
+    #[test]
+    fn concurrent_stale_requests_sign_once() {
+        let clock = ManualClock::at(T0);
+        let cache = Arc::new(cache(clock.clone()));
+        clock.advance(Duration::from_secs(51));
+        let threads = 16;
+        let barrier = Arc::new(Barrier::new(threads));
+        let values: Vec<HeaderValue> = (0..threads)
+            .map(|_| {
+                let (cache, barrier) = (cache.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    cache.authorization()
+                })
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|t| t.join().unwrap())
+            .collect();
+        assert_eq!(cache.mint_counts().inline, 1);
+        assert!(values.iter().all(|v| *v == values[0]));
+        assert_eq!(claims_of(&values[0]).iat, T0 + 51 - 5);
+    }
+
+    /// The refresher itself, on tokio's paused clock: the wall clock follows tokio's.
+    #[tokio::test(start_paused = true)]
+    async fn background_refresher_keeps_the_request_path_from_signing() {
+        struct TokioClock(tokio::time::Instant);
+        impl Clock for TokioClock {
+            fn now(&self) -> Duration {
+                Duration::from_secs(T0) + self.0.elapsed()
+            }
+        }
+        let clock = Arc::new(TokioClock(tokio::time::Instant::now()));
+        let cache = Arc::new(TokenCache::new(
+            Signer::new("kid", b"s"),
+            settings(),
+            clock.clone(),
+        ));
+        tokio::spawn(cache.clone().run_refresher());
+
+        for _ in 0..3610 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let value = cache.authorization();
+            assert!(
+                remaining(&value, clock.now()) > settings().refresh_before - Duration::from_secs(1)
+            );
+        }
+        // One mint at start, then one every 40 s (exp - refresh_before - iat - backdate).
+        assert_eq!(
+            cache.mint_counts(),
+            MintCounts {
+                background: 1 + 3610 / 40,
+                inline: 0
+            }
+        );
+    }
+}

@@ -1,0 +1,196 @@
+//! The proxy end to end: a real TLS upstream, the proxy on a real socket, real clients.
+
+mod support;
+
+use http::{Request, StatusCode};
+use idmatch_mock::server::json;
+use idmatch_mock::{Recorded, Server as Upstream, TestPki};
+use jsonwebtoken::{decode, decode_header, Algorithm, DecodingKey, Validation};
+use serde_json::json;
+use support::*;
+
+#[derive(serde::Deserialize)]
+struct Claims {
+    iat: u64,
+    nbf: u64,
+    exp: u64,
+}
+
+/// The one bearer token in a recorded request, checked with `jsonwebtoken`.
+fn bearer_claims(request: &Recorded) -> Claims {
+    let values = request.header_values("authorization");
+    assert_eq!(values.len(), 1, "exactly one Authorization header");
+    let token = std::str::from_utf8(values[0])
+        .unwrap()
+        .strip_prefix("Bearer ")
+        .unwrap();
+    assert_eq!(decode_header(token).unwrap().kid.as_deref(), Some(KEY_ID));
+    let validation = Validation::new(Algorithm::HS256);
+    decode::<Claims>(
+        token,
+        &DecodingKey::from_secret(SECRET.as_bytes()),
+        &validation,
+    )
+    .expect("a valid token")
+    .claims
+}
+
+/// An upstream that answers every request with 200 and the path it saw.
+async fn recording_upstream(pki: &TestPki, alpn: &[&[u8]]) -> idmatch_mock::RunningServer {
+    Upstream::builder()
+        .tls(pki)
+        .alpn(alpn)
+        .handler(|request: Request<hyper::body::Incoming>| async move {
+            json(
+                StatusCode::OK,
+                json!({ "target": request.uri().to_string() }),
+            )
+        })
+        .start()
+        .await
+}
+
+#[tokio::test]
+async fn every_endpoint_works_through_the_proxy_over_http1_and_h2c() {
+    let stack = Stack::api().await;
+    for client in [http1(), h2c()] {
+        let url = |path: &str| stack.proxy.url(path);
+        let swap = send(
+            &client,
+            post_json(
+                &url("/sim-swap"),
+                json!({"phoneNumber": "+31610000001", "serviceType": "24h"}),
+            ),
+        )
+        .await;
+        assert_eq!(swap.status, StatusCode::OK, "{:?}", swap.body);
+        assert_eq!(swap.headers["content-type"], "application/json");
+        assert!(swap.json().is_object());
+
+        let matched = send(
+            &client,
+            post_json(
+                &url("/identity-match"),
+                json!({"phoneNumber": "+31610000001", "serviceType": "match", "lastName": "Verhoeven", "postcode": "1234 AB", "dateOfBirth": "1963-12-31"}),
+            ),
+        )
+        .await;
+        assert_eq!(matched.status, StatusCode::OK, "{:?}", matched.body);
+
+        let started = send(
+            &client,
+            post_json(
+                &url("/number-verify"),
+                json!({"phoneNumber": "+31610000001"}),
+            ),
+        )
+        .await;
+        assert!(started.status.is_success(), "{:?}", started.body);
+        let session = started.json();
+        assert_eq!(session["state"], "pending");
+        let id = session["id"].as_str().unwrap();
+        let polled = send(&client, get(&url(&format!("/number-verify/{id}")))).await;
+        assert_eq!(polled.status, StatusCode::OK);
+        assert_eq!(polled.json()["id"], id);
+    }
+    let requests = stack.upstream.requests();
+    assert_eq!(requests.len(), 8);
+    for request in &requests {
+        assert!(request.target.starts_with(BASE), "{}", request.target);
+        bearer_claims(request);
+    }
+}
+
+#[tokio::test]
+async fn upstream_errors_pass_through_untouched() {
+    let stack = Stack::api().await;
+    let answer = send(
+        &http1(),
+        post_json(&stack.proxy.url("/sim-swap"), json!({"serviceType": "24h"})),
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::BAD_REQUEST);
+    assert!(
+        answer.headers.get("proxy-status").is_none(),
+        "CM.com's own errors carry no Proxy-Status"
+    );
+}
+
+#[tokio::test]
+async fn works_over_http1_only_and_h2_only_upstreams() {
+    for alpn in [&[b"http/1.1".as_slice()][..], &[b"h2".as_slice()][..]] {
+        let pki = TestPki::localhost();
+        let upstream = recording_upstream(&pki, alpn).await;
+        let stack = Stack::over(pki, upstream).await;
+        for client in [http1(), h2c()] {
+            let answer = send(&client, get(&stack.proxy.url("/number-verify/1"))).await;
+            assert_eq!(answer.status, StatusCode::OK);
+        }
+        let requests = stack.upstream.requests();
+        let expected = if alpn[0] == b"h2" {
+            http::Version::HTTP_2
+        } else {
+            http::Version::HTTP_11
+        };
+        assert!(
+            requests.iter().all(|r| r.version == expected),
+            "{:?}",
+            requests.iter().map(|r| r.version).collect::<Vec<_>>()
+        );
+    }
+}
+
+#[tokio::test]
+async fn concurrent_requests_share_one_token() {
+    let pki = TestPki::localhost();
+    let upstream = recording_upstream(&pki, &[b"h2", b"http/1.1"]).await;
+    let stack = Stack::over(pki, upstream).await;
+    let client = http1();
+    let requests = (0..64).map(|i| {
+        let (client, url) = (
+            client.clone(),
+            stack.proxy.url(&format!("/number-verify/{i}")),
+        );
+        tokio::spawn(async move { send(&client, get(&url)).await.status })
+    });
+    for status in join_all(requests).await {
+        assert_eq!(status, StatusCode::OK);
+    }
+    let seen: std::collections::HashSet<Vec<u8>> = stack
+        .upstream
+        .requests()
+        .iter()
+        .map(|r| r.header("authorization").unwrap().to_vec())
+        .collect();
+    assert_eq!(seen.len(), 1, "one token for all");
+    let counts = stack.proxy.tokens.mint_counts();
+    assert_eq!((counts.background, counts.inline), (1, 0));
+}
+
+async fn join_all<T: Send + 'static>(
+    tasks: impl Iterator<Item = tokio::task::JoinHandle<T>>,
+) -> Vec<T> {
+    let mut out = Vec::new();
+    for task in tasks {
+        out.push(task.await.unwrap());
+    }
+    out
+}
+
+#[tokio::test]
+async fn tokens_are_fresh_and_backdated() {
+    let stack = Stack::api().await;
+    send(&http1(), get(&stack.proxy.url("/number-verify/x"))).await;
+    let claims = bearer_claims(&stack.upstream.requests()[0]);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert_eq!(claims.nbf, claims.iat);
+    assert_eq!(claims.exp - claims.iat, 60, "default lifetime");
+    assert!(
+        claims.iat <= now - 5 && claims.iat + 10 >= now,
+        "iat {} now {now}",
+        claims.iat
+    );
+}

@@ -1,0 +1,256 @@
+//! Requests the proxy refuses, and upstream failures it reports as its own JSON errors.
+
+mod support;
+
+use std::time::Duration;
+
+use http::{Request, StatusCode};
+use idmatch_mock::server::json;
+use idmatch_mock::{RunningServer, Server as Upstream, TestPki};
+use serde_json::json;
+use support::*;
+
+async fn ok_stack() -> Stack {
+    let pki = TestPki::localhost();
+    let upstream = ok_upstream(&pki).await;
+    Stack::over(pki, upstream).await
+}
+
+async fn ok_upstream(pki: &TestPki) -> RunningServer {
+    Upstream::builder()
+        .tls(pki)
+        .handler(|_: Request<hyper::body::Incoming>| async { json(StatusCode::OK, json!({})) })
+        .start()
+        .await
+}
+
+/// Asserts a proxy-made error: status, `Proxy-Status`, and the JSON body's code.
+fn assert_proxy_error(answer: &Answer, status: StatusCode, code: &str) {
+    assert_eq!(answer.status, status, "{:?}", answer.body);
+    assert_eq!(
+        answer.headers["proxy-status"],
+        format!("idmatch-proxy; error={code}").as_str()
+    );
+    assert_eq!(answer.headers["content-type"], "application/json");
+    let body = answer.json();
+    assert_eq!(body["error"]["code"], code);
+    assert!(body["error"]["message"]
+        .as_str()
+        .is_some_and(|m| !m.is_empty()));
+}
+
+#[tokio::test]
+async fn connect_and_trace_are_refused() {
+    let stack = ok_stack().await;
+    let connect = raw(stack.proxy.addr, b"CONNECT 169.254.169.254:443 HTTP/1.1\r\nHost: 169.254.169.254:443\r\nConnection: close\r\n\r\n").await;
+    assert!(connect.starts_with("HTTP/1.1 405"), "{connect}");
+    assert!(connect.contains("http_request_denied"));
+    let trace = send(
+        &http1(),
+        Request::trace(stack.proxy.url("/sim-swap"))
+            .body(Default::default())
+            .unwrap(),
+    )
+    .await;
+    assert_proxy_error(
+        &trace,
+        StatusCode::METHOD_NOT_ALLOWED,
+        "http_request_denied",
+    );
+    assert_eq!(stack.upstream.request_count(), 0);
+}
+
+#[tokio::test]
+async fn absolute_form_for_another_authority_is_misdirected() {
+    let stack = ok_stack().await;
+    for target in [
+        "http://169.254.169.254/latest/meta-data/".to_owned(),
+        "http://example.com/sim-swap".to_owned(),
+        format!("http://user@{}/sim-swap", stack.proxy.addr),
+        "https://api.cm.com/mobile-identity/v1/sim-swap".to_owned(),
+    ] {
+        let request = format!(
+            "GET {target} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            stack.proxy.addr
+        );
+        let response = raw(stack.proxy.addr, request.as_bytes()).await;
+        assert!(response.starts_with("HTTP/1.1 421"), "{target}: {response}");
+        assert!(
+            response.contains("proxy-status: idmatch-proxy; error=http_request_denied"),
+            "{response}"
+        );
+    }
+    assert_eq!(stack.upstream.request_count(), 0);
+
+    // Absolute-form naming the proxy itself is an ordinary request.
+    let own = format!(
+        "GET http://{}/sim-swap?a=1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        stack.proxy.addr
+    );
+    let response = raw(stack.proxy.addr, own.as_bytes()).await;
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert_eq!(
+        stack.upstream.requests()[0].target,
+        format!("{BASE}/sim-swap?a=1")
+    );
+}
+
+#[tokio::test]
+async fn forged_host_and_authority_change_nothing() {
+    let stack = ok_stack().await;
+    let forged = Request::get(stack.proxy.url("/sim-swap"))
+        .header("host", "169.254.169.254")
+        .body(Default::default())
+        .unwrap();
+    assert_eq!(send(&http1(), forged).await.status, StatusCode::OK);
+    // In HTTP/2 the request's URI becomes `:authority`; send a forged one on a connection to
+    // the proxy.
+    let io = tokio::net::TcpStream::connect(stack.proxy.addr)
+        .await
+        .unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(io),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    let forged = Request::get("http://169.254.169.254/sim-swap")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let answer = collect(sender.send_request(forged).await.unwrap()).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    let upstream_host = stack.upstream.addr().to_string();
+    for request in stack.upstream.requests() {
+        let host = request
+            .header("host")
+            .map(|h| String::from_utf8_lossy(h).into_owned());
+        // Over h2 the upstream may see only `:authority`, which hyper surfaces in the URI.
+        assert!(
+            host.is_none() || host.as_deref() == Some(upstream_host.as_str()),
+            "{host:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn upstream_down_is_a_json_502() {
+    let pki = TestPki::localhost();
+    // Bind, learn the port, close: nothing listens there any more.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let config = ProxyConfig::new(&format!("https://{closed}{BASE}"), &pki);
+    let proxy = Proxy::start(&config).await;
+    let answer = send(&http1(), post_json(&proxy.url("/sim-swap"), json!({}))).await;
+    assert_proxy_error(&answer, StatusCode::BAD_GATEWAY, "connection_refused");
+    // The proxy stays up and answers the next one the same way.
+    let again = send(&h2c(), get(&proxy.url("/number-verify/1"))).await;
+    assert_proxy_error(&again, StatusCode::BAD_GATEWAY, "connection_refused");
+}
+
+/// Runs one request through a proxy that trusts `trusted` to an upstream presenting
+/// `presented`, and asserts the TLS failure and that no request reached the upstream.
+async fn assert_tls_refused(presented: &TestPki, trusted: &TestPki) {
+    let upstream = ok_upstream(presented).await;
+    let config = ProxyConfig::new(&upstream.url(BASE), trusted);
+    let proxy = Proxy::start(&config).await;
+    let answer = send(&http1(), post_json(&proxy.url("/sim-swap"), json!({}))).await;
+    assert_proxy_error(&answer, StatusCode::BAD_GATEWAY, "tls_certificate_error");
+    assert!(upstream.connections_accepted() >= 1);
+    assert_eq!(upstream.tls_handshakes_completed(), 0);
+    assert_eq!(
+        upstream.request_count(),
+        0,
+        "the token never reached the server"
+    );
+}
+
+#[tokio::test]
+async fn untrusted_certificate_never_sees_the_token() {
+    assert_tls_refused(&TestPki::localhost(), &TestPki::localhost()).await;
+}
+
+#[tokio::test]
+async fn wrong_host_certificate_never_sees_the_token() {
+    let other = TestPki::new(&["other.example"]);
+    assert_tls_refused(&other, &other).await;
+}
+
+#[tokio::test]
+async fn slow_upstream_is_a_json_504() {
+    let pki = TestPki::localhost();
+    let upstream = Upstream::builder()
+        .tls(&pki)
+        .handler(|_: Request<hyper::body::Incoming>| async {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            json(StatusCode::OK, json!({}))
+        })
+        .start()
+        .await;
+    let config = ProxyConfig::new(&upstream.url(BASE), &pki)
+        .set("IDMATCH_UPSTREAM_RESPONSE_TIMEOUT", "300ms");
+    let proxy = Proxy::start(&config).await;
+    let answer = send(&http1(), get(&proxy.url("/number-verify/1"))).await;
+    assert_proxy_error(
+        &answer,
+        StatusCode::GATEWAY_TIMEOUT,
+        "http_response_timeout",
+    );
+}
+
+#[tokio::test]
+async fn plain_http_upstream_works_only_when_allowed() {
+    let upstream = Upstream::builder()
+        .plain()
+        .handler(|_: Request<hyper::body::Incoming>| async { json(StatusCode::OK, json!({})) })
+        .start()
+        .await;
+    let pki = TestPki::localhost();
+    let refused = ProxyConfig::new(&upstream.url(BASE), &pki);
+    assert!(idmatch_proxy::config::Config::from_parts(None, &refused.env).is_err());
+    let allowed = refused.set("IDMATCH_UPSTREAM_ALLOW_INSECURE_HTTP", "true");
+    let proxy = Proxy::start(&allowed).await;
+    assert_eq!(
+        send(&http1(), get(&proxy.url("/x"))).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(upstream.request_count(), 1);
+}
+
+#[tokio::test]
+async fn stalled_tls_handshake_is_a_json_504_within_the_connect_timeout() {
+    // Accepts TCP connections and never says a word.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = silent.local_addr().unwrap();
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((stream, _)) = silent.accept().await {
+            open.push(stream);
+        }
+    });
+    let pki = TestPki::localhost();
+    let config = ProxyConfig::new(&format!("https://{addr}{BASE}"), &pki)
+        .set("IDMATCH_UPSTREAM_CONNECT_TIMEOUT", "300ms");
+    let proxy = Proxy::start(&config).await;
+    let started = std::time::Instant::now();
+    let answer = send(&http1(), get(&proxy.url("/number-verify/1"))).await;
+    assert_proxy_error(&answer, StatusCode::GATEWAY_TIMEOUT, "connection_timeout");
+    // Well before the 30 s response timeout: the connect bound covers the handshake.
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    held.abort();
+}
+
+#[tokio::test]
+async fn unresolvable_upstream_is_a_json_502() {
+    let pki = TestPki::localhost();
+    let config = ProxyConfig::new(&format!("https://idmatch-proxy-test.invalid{BASE}"), &pki);
+    let proxy = Proxy::start(&config).await;
+    let answer = send(&http1(), get(&proxy.url("/number-verify/1"))).await;
+    assert_proxy_error(&answer, StatusCode::BAD_GATEWAY, "dns_error");
+}

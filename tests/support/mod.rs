@@ -1,0 +1,291 @@
+//! The integration harness: a TLS upstream built from `idmatch-mock`, the proxy in-process on
+//! 127.0.0.1:0, and HTTP/1.1 and h2c clients.
+
+#![allow(dead_code)] // each test binary uses its own part of the harness
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use idmatch_mock::{MockApi, RunningServer, Server as Upstream, TestPki};
+use idmatch_proxy::config::{Config, Loaded};
+use idmatch_proxy::token::TokenCache;
+use idmatch_proxy::Server;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+
+pub const KEY_ID: &str = "3b438437-04a4-40bb-8389-54bb02766fba";
+pub const SECRET: &str = "AC4Etykn7jusGR5FwLDAtILtQbiQbTMKedP31szXg4WlSbjGEXyNMZ";
+pub const BASE: &str = "/mobile-identity/v1";
+
+/// Settings for a proxy in front of `upstream_url`, trusting `pki`'s CA (written to `dir`).
+pub struct ProxyConfig {
+    pub dir: tempfile::TempDir,
+    pub env: HashMap<String, String>,
+}
+
+impl ProxyConfig {
+    pub fn new(upstream_url: &str, pki: &TestPki) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        pki.write_ca(&ca).unwrap();
+        let env = [
+            ("IDMATCH_LISTEN", "127.0.0.1:0"),
+            ("IDMATCH_UPSTREAM_URL", upstream_url),
+            ("IDMATCH_UPSTREAM_CA_FILE", ca.to_str().unwrap()),
+            ("IDMATCH_KEY_ID", KEY_ID),
+            ("IDMATCH_SECRET", SECRET),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        Self { dir, env }
+    }
+
+    pub fn set(mut self, key: &str, value: &str) -> Self {
+        self.env.insert(key.to_owned(), value.to_owned());
+        self
+    }
+
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    pub fn load(&self) -> Loaded {
+        Config::from_parts(None, &self.env).expect("valid test configuration")
+    }
+}
+
+/// The proxy, serving in-process until dropped.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    pub tokens: Arc<TokenCache>,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    pub async fn start(config: &ProxyConfig) -> Self {
+        let loaded = config.load();
+        let server = Server::new(&loaded.config).expect("server builds");
+        let tokens = server.tokens().clone();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(server.serve(listener, async {
+            let _ = rx.await;
+        }));
+        Self {
+            addr,
+            tokens,
+            shutdown: Some(tx),
+            task,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Signals shutdown and waits for `serve` to return.
+    pub async fn stop(mut self) {
+        let _ = self.shutdown.take().unwrap().send(());
+        (&mut self.task).await.unwrap();
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A TLS upstream running the Mobile Identity API mock, and a proxy in front of it.
+pub struct Stack {
+    pub pki: TestPki,
+    pub upstream: RunningServer,
+    pub proxy: Proxy,
+    pub config: ProxyConfig,
+}
+
+impl Stack {
+    pub async fn api() -> Self {
+        let pki = TestPki::localhost();
+        let upstream = Upstream::builder()
+            .tls(&pki)
+            .handler(MockApi::new(KEY_ID, SECRET))
+            .start()
+            .await;
+        Self::over(pki, upstream).await
+    }
+
+    /// The proxy in front of an already running upstream.
+    pub async fn over(pki: TestPki, upstream: RunningServer) -> Self {
+        let config = ProxyConfig::new(&upstream.url(BASE), &pki);
+        let proxy = Proxy::start(&config).await;
+        Self {
+            pki,
+            upstream,
+            proxy,
+            config,
+        }
+    }
+}
+
+pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+/// An HTTP/1.1 keep-alive client.
+pub fn http1() -> HttpClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// An HTTP/2 prior-knowledge (h2c) client.
+pub fn h2c() -> HttpClient {
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http()
+}
+
+/// A response with its whole body.
+pub struct Answer {
+    pub status: http::StatusCode,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+}
+
+impl Answer {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body)))
+    }
+}
+
+pub async fn collect(response: Response<hyper::body::Incoming>) -> Answer {
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    Answer {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
+}
+
+pub async fn send(client: &HttpClient, request: Request<Full<Bytes>>) -> Answer {
+    collect(client.request(request).await.expect("the proxy answers")).await
+}
+
+pub fn post_json(url: &str, body: serde_json::Value) -> Request<Full<Bytes>> {
+    Request::post(url)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap()
+}
+
+pub fn get(url: &str) -> Request<Full<Bytes>> {
+    Request::get(url).body(Full::new(Bytes::new())).unwrap()
+}
+
+/// Writes raw bytes on a fresh connection and reads until the server closes it (send
+/// `Connection: close`).
+pub async fn raw(addr: SocketAddr, request: &[u8]) -> String {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    let _ = stream.read_to_end(&mut out).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The real `idmatch-proxy` binary, serving with the given environment (and nothing else from
+/// ours), JSON logs collected from stderr.
+pub struct Binary {
+    child: std::process::Child,
+    pub addr: SocketAddr,
+    logs: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Binary {
+    pub fn command() -> std::process::Command {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_idmatch-proxy"));
+        command.env_clear();
+        command
+    }
+
+    /// Starts it and waits for its "ready" log line, which names the bound address.
+    pub fn serve(env: &HashMap<String, String>) -> Self {
+        use std::io::BufRead;
+        let mut child = Self::command()
+            .envs(env)
+            .env("IDMATCH_LOG_FORMAT", "json")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+        let logs = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let addr = loop {
+            let line = lines
+                .next()
+                .expect("the proxy exited before it was ready")
+                .unwrap();
+            logs.lock().unwrap().push(line.clone());
+            let event: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+            if event["message"] == "idmatch-proxy ready" {
+                break event["listen"].as_str().unwrap().parse().unwrap();
+            }
+        };
+        let collected = logs.clone();
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                collected.lock().unwrap().push(line);
+            }
+        });
+        Self { child, addr, logs }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn signal(&self, name: &str) {
+        let status = std::process::Command::new("kill")
+            .args([format!("-{name}"), self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit, for at most `limit`.
+    pub fn wait(&mut self, limit: std::time::Duration) -> std::process::ExitStatus {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "still running after {limit:?}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    pub fn logs(&self) -> Vec<String> {
+        self.logs.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
