@@ -194,3 +194,35 @@ async fn tokens_are_fresh_and_backdated() {
         claims.iat
     );
 }
+
+#[tokio::test]
+async fn one_pooled_upstream_connection_serves_sequential_requests() {
+    let stack = Stack::api().await;
+    // Several client connections, one after the other: the upstream side is shared.
+    for _ in 0..5 {
+        let client = http1();
+        for _ in 0..4 {
+            assert_eq!(
+                send(&client, get(&stack.proxy.url("/number-verify/x")))
+                    .await
+                    .status,
+                StatusCode::NOT_FOUND
+            );
+        }
+    }
+    assert_eq!(stack.upstream.request_count(), 20);
+    assert_eq!(stack.upstream.tls_handshakes_completed(), 1);
+}
+
+#[tokio::test]
+async fn native_roots_plus_the_extra_ca_work() {
+    let pki = TestPki::localhost();
+    let upstream = recording_upstream(&pki, &[b"h2", b"http/1.1"]).await;
+    let config =
+        ProxyConfig::new(&upstream.url(BASE), &pki).set("IDMATCH_UPSTREAM_ROOTS", "native");
+    let proxy = Proxy::start(&config).await;
+    assert_eq!(
+        send(&http1(), get(&proxy.url("/x"))).await.status,
+        StatusCode::OK
+    );
+}
