@@ -34,8 +34,58 @@ pub struct Config {
     pub upstream: Upstream,
     pub credentials: Credentials,
     pub token: TokenSettings,
-    /// How long in-flight requests may take to finish once shutdown begins.
+    /// Health, readiness and metrics, never proxied.
+    pub admin_listen: SocketAddr,
+    /// How long the listener keeps accepting after a stop signal, while readiness already
+    /// says 503: Kubernetes removes endpoints asynchronously.
+    pub drain_delay: Duration,
+    /// How long in-flight requests may take to finish once the listener has closed.
     pub shutdown_timeout: Duration,
+    /// Runtime worker threads; `None` sizes them from the CPU quota.
+    pub worker_threads: Option<usize>,
+    pub client: ClientLimits,
+    pub log: LogSettings,
+}
+
+/// What the proxy tolerates from the applications that call it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientLimits {
+    /// Time allowed to send a request's headers (slowloris).
+    pub header_timeout: Duration,
+    /// An idle keep-alive connection is closed after this long.
+    pub idle_timeout: Duration,
+    /// Largest request head (request line and headers); beyond it, 431.
+    pub max_header_bytes: usize,
+    /// Requests handled at once; beyond it, an immediate 503.
+    pub max_in_flight: usize,
+    /// Largest request body, enforced while streaming; beyond it, 413. `None`: no limit.
+    pub max_body_bytes: Option<u64>,
+}
+
+/// How the proxy logs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    /// Replace the query in access logs (it can hold phone numbers) by `?<redacted>`.
+    pub redact_query: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    /// JSON unless stderr is a terminal.
+    Auto,
+    Json,
+    Pretty,
+}
+
+impl fmt::Display for LogFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            LogFormat::Auto => "auto",
+            LogFormat::Json => "json",
+            LogFormat::Pretty => "pretty",
+        })
+    }
 }
 
 /// Where requests are forwarded, and how to trust it.
@@ -55,6 +105,12 @@ pub struct Upstream {
     pub connect_timeout: Duration,
     /// Bounds the wait for the upstream's response headers.
     pub response_timeout: Duration,
+    /// The HTTP proxy to tunnel through with CONNECT (`upstream.proxy`, else `HTTPS_PROXY`),
+    /// already `None` when `NO_PROXY` exempts the upstream's host.
+    pub proxy: Option<Uri>,
+    /// Request bodies up to this size are kept so that a request can be replayed once (after a
+    /// 401, or a connection that failed before the request was written).
+    pub replay_buffer_bytes: usize,
 }
 
 impl Upstream {
@@ -87,9 +143,13 @@ pub struct Credentials {
     /// The JWT `kid`.
     pub key_id: String,
     pub secret: Secret,
-    /// Where the secret was read from, kept for a later hot reload; `None` if it came from
+    /// Where the secret was read from, re-read on rotation; `None` if it came from
     /// `IDMATCH_SECRET`.
     pub secret_file: Option<PathBuf>,
+    /// Where the key id was read from, re-read on rotation; `None` if it was given inline.
+    pub key_id_file: Option<PathBuf>,
+    /// How often the credential files are checked for changes.
+    pub reload_interval: Duration,
 }
 
 /// The HMAC key. It has no `Display`, and its `Debug` hides it, so it cannot end up in a log
@@ -262,20 +322,35 @@ impl Config {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 enum Key {
     Listen,
+    AdminListen,
+    DrainDelay,
     ShutdownTimeout,
+    WorkerThreads,
     UpstreamUrl,
     UpstreamRoots,
     UpstreamCaFile,
     UpstreamAllowInsecureHttp,
     UpstreamConnectTimeout,
     UpstreamResponseTimeout,
+    UpstreamProxy,
+    UpstreamNoProxy,
+    UpstreamReplayBufferBytes,
     CredentialsKeyId,
+    CredentialsKeyIdFile,
     CredentialsSecretFile,
     CredentialsSecret,
+    CredentialsReloadInterval,
     TokenLifetime,
     TokenRefreshBefore,
     TokenMargin,
     TokenBackdate,
+    ClientHeaderTimeout,
+    ClientIdleTimeout,
+    ClientMaxHeaderBytes,
+    ClientMaxInFlight,
+    ClientMaxBodyBytes,
+    LogFormat,
+    LogRedactQuery,
 }
 
 struct Spec {
@@ -298,22 +373,37 @@ enum Toml {
 
 impl Key {
     /// The order of `Loaded::effective`, as in the example file.
-    const ALL: [Key; 15] = [
+    const ALL: [Key; 30] = [
         Key::Listen,
+        Key::AdminListen,
+        Key::DrainDelay,
         Key::ShutdownTimeout,
+        Key::WorkerThreads,
         Key::UpstreamUrl,
         Key::UpstreamRoots,
         Key::UpstreamCaFile,
         Key::UpstreamAllowInsecureHttp,
         Key::UpstreamConnectTimeout,
         Key::UpstreamResponseTimeout,
+        Key::UpstreamProxy,
+        Key::UpstreamNoProxy,
+        Key::UpstreamReplayBufferBytes,
         Key::CredentialsKeyId,
+        Key::CredentialsKeyIdFile,
         Key::CredentialsSecretFile,
         Key::CredentialsSecret,
+        Key::CredentialsReloadInterval,
         Key::TokenLifetime,
         Key::TokenRefreshBefore,
         Key::TokenMargin,
         Key::TokenBackdate,
+        Key::ClientHeaderTimeout,
+        Key::ClientIdleTimeout,
+        Key::ClientMaxHeaderBytes,
+        Key::ClientMaxInFlight,
+        Key::ClientMaxBodyBytes,
+        Key::LogFormat,
+        Key::LogRedactQuery,
     ];
 
     #[rustfmt::skip]
@@ -322,21 +412,36 @@ impl Key {
         let row = |name, env, default, toml| Spec { name, env, default, toml };
         match self {
             Key::Listen => row("listen", "IDMATCH_LISTEN", Some("127.0.0.1:8080"), Str(ADDR)),
+            Key::AdminListen => row("admin.listen", "IDMATCH_ADMIN_LISTEN", Some("127.0.0.1:9901"), Str(ADDR)),
+            Key::DrainDelay => row("drain_delay", "IDMATCH_DRAIN_DELAY", Some("5s"), Str(DURATION)),
             Key::ShutdownTimeout => row("shutdown_timeout", "IDMATCH_SHUTDOWN_TIMEOUT", Some("20s"), Str(DURATION)),
+            Key::WorkerThreads => row("worker_threads", "IDMATCH_WORKER_THREADS", Some("auto"), Str(THREADS)),
             Key::UpstreamUrl => row("upstream.url", "IDMATCH_UPSTREAM_URL", Some("https://api.cm.com/mobile-identity/v1"), Str(URL)),
             Key::UpstreamRoots => row("upstream.roots", "IDMATCH_UPSTREAM_ROOTS", Some("webpki"), Str(ROOTS)),
             Key::UpstreamCaFile => row("upstream.ca_file", "IDMATCH_UPSTREAM_CA_FILE", None, Str(PATH)),
             Key::UpstreamAllowInsecureHttp => row("upstream.allow_insecure_http", "IDMATCH_UPSTREAM_ALLOW_INSECURE_HTTP", Some("false"), Bool),
             Key::UpstreamConnectTimeout => row("upstream.connect_timeout", "IDMATCH_UPSTREAM_CONNECT_TIMEOUT", Some("5s"), Str(DURATION)),
             Key::UpstreamResponseTimeout => row("upstream.response_timeout", "IDMATCH_UPSTREAM_RESPONSE_TIMEOUT", Some("30s"), Str(DURATION)),
+            Key::UpstreamProxy => row("upstream.proxy", "IDMATCH_UPSTREAM_PROXY", None, Str(PROXY)),
+            Key::UpstreamNoProxy => row("upstream.no_proxy", "IDMATCH_UPSTREAM_NO_PROXY", None, Str(NO_PROXY)),
+            Key::UpstreamReplayBufferBytes => row("upstream.replay_buffer_bytes", "IDMATCH_UPSTREAM_REPLAY_BUFFER_BYTES", Some("64KiB"), Str(SIZE)),
             Key::CredentialsKeyId => row("credentials.key_id", "IDMATCH_KEY_ID", None, Str(TEXT)),
+            Key::CredentialsKeyIdFile => row("credentials.key_id_file", "IDMATCH_KEY_ID_FILE", None, Str(PATH)),
             Key::CredentialsSecretFile => row("credentials.secret_file", "IDMATCH_SECRET_FILE", None, Str(PATH)),
             // A config file is usually a ConfigMap, readable by far more people than a Secret.
             Key::CredentialsSecret => row("credentials.secret", "IDMATCH_SECRET", None, Forbidden),
+            Key::CredentialsReloadInterval => row("credentials.reload_interval", "IDMATCH_CREDENTIALS_RELOAD_INTERVAL", Some("1s"), Str(DURATION)),
             Key::TokenLifetime => row("token.lifetime", "IDMATCH_TOKEN_LIFETIME", Some("60s"), Str(SECONDS)),
             Key::TokenRefreshBefore => row("token.refresh_before", "IDMATCH_TOKEN_REFRESH_BEFORE", Some("15s"), Str(SECONDS)),
             Key::TokenMargin => row("token.margin", "IDMATCH_TOKEN_MARGIN", Some("5s"), Str(DURATION)),
             Key::TokenBackdate => row("token.backdate", "IDMATCH_TOKEN_BACKDATE", Some("5s"), Str(SECONDS)),
+            Key::ClientHeaderTimeout => row("client.header_timeout", "IDMATCH_CLIENT_HEADER_TIMEOUT", Some("10s"), Str(DURATION)),
+            Key::ClientIdleTimeout => row("client.idle_timeout", "IDMATCH_CLIENT_IDLE_TIMEOUT", Some("60s"), Str(DURATION)),
+            Key::ClientMaxHeaderBytes => row("client.max_header_bytes", "IDMATCH_CLIENT_MAX_HEADER_BYTES", Some("16KiB"), Str(SIZE)),
+            Key::ClientMaxInFlight => row("client.max_in_flight", "IDMATCH_CLIENT_MAX_IN_FLIGHT", Some("1024"), Str(COUNT)),
+            Key::ClientMaxBodyBytes => row("client.max_body_bytes", "IDMATCH_CLIENT_MAX_BODY_BYTES", None, Str(SIZE)),
+            Key::LogFormat => row("log.format", "IDMATCH_LOG_FORMAT", Some("auto"), Str(LOG_FORMAT)),
+            Key::LogRedactQuery => row("log.redact_query", "IDMATCH_LOG_REDACT_QUERY", Some("true"), Bool),
         }
     }
 
@@ -365,6 +470,21 @@ const ROOTS: &str = "webpki or native";
 const DURATION: &str = "a duration like 60s, 500ms or 2m";
 const SECONDS: &str = "whole seconds like 60s or 2m (JWT times have one-second resolution)";
 const TEXT: &str = "a non-empty string";
+const SIZE: &str = "a size in bytes like 65536, 64KiB or 1MiB";
+const COUNT: &str = "a positive integer";
+const THREADS: &str = "auto or a positive integer";
+const LOG_FORMAT: &str = "auto, json or pretty";
+const PROXY: &str = "an http:// proxy URL like http://proxy.internal:3128";
+const NO_PROXY: &str = "a comma-separated list of host names, domain suffixes, IP addresses or *";
+
+/// Variables that other tools also honour, read when ours is unset; first found wins.
+fn fallback_env(key: Key) -> &'static [&'static str] {
+    match key {
+        Key::UpstreamProxy => &["HTTPS_PROXY", "https_proxy"],
+        Key::UpstreamNoProxy => &["NO_PROXY", "no_proxy"],
+        _ => &[],
+    }
+}
 
 // === Layers ===
 
@@ -449,8 +569,12 @@ impl Layers {
 
     fn read_env(&mut self, env: &HashMap<String, String>) -> Result<(), ConfigError> {
         for key in Key::ALL {
-            if let Some(text) = env.get(key.env()) {
-                let origin = Origin::Env(key.env());
+            let names = std::iter::once(key.env()).chain(fallback_env(key).iter().copied());
+            if let Some((name, text)) = names
+                .filter_map(|name| env.get(name).map(|text| (name, text)))
+                .next()
+            {
+                let origin = Origin::Env(name);
                 self.values.insert(
                     key,
                     Raw {
@@ -460,31 +584,45 @@ impl Layers {
                 );
             }
         }
-        // The secret has exactly one source. Only the environment can hold the secret itself,
-        // and either variable replaces the file's `secret_file`.
-        if self.values.contains_key(&Key::CredentialsSecret) {
-            match self
-                .values
-                .get(&Key::CredentialsSecretFile)
-                .map(|raw| &raw.origin)
-            {
-                Some(Origin::Env(_)) => {
-                    return Err(ConfigError::new(
-                        format!(
-                            "{} and {} (environment)",
-                            Key::CredentialsSecret.env(),
-                            Key::CredentialsSecretFile.env()
-                        ),
-                        "both are set; set only one of them",
-                    ))
-                }
-                Some(_) => {
-                    self.values.remove(&Key::CredentialsSecretFile);
-                }
-                None => {}
-            }
+        // The key id and the secret each have exactly one source, inline or a file; an
+        // environment variable for either replaces the file's choice.
+        self.one_source(Key::CredentialsKeyId, Key::CredentialsKeyIdFile)?;
+        self.one_source(Key::CredentialsSecret, Key::CredentialsSecretFile)
+    }
+
+    /// Leaves at most one of `inline` and `file` set: the environment's, if it set one.
+    fn one_source(&mut self, inline: Key, file: Key) -> Result<(), ConfigError> {
+        let from_env = |layers: &Self, key| {
+            matches!(
+                layers.values.get(&key).map(|raw| &raw.origin),
+                Some(Origin::Env(_))
+            )
+        };
+        let (inline_set, file_set) = (
+            self.values.contains_key(&inline),
+            self.values.contains_key(&file),
+        );
+        if !(inline_set && file_set) {
+            return Ok(());
         }
-        Ok(())
+        match (from_env(self, inline), from_env(self, file)) {
+            (true, true) => Err(ConfigError::new(
+                format!("{} and {} (environment)", inline.env(), file.env()),
+                "both are set; set only one of them",
+            )),
+            (true, false) => {
+                self.values.remove(&file);
+                Ok(())
+            }
+            (false, true) => {
+                self.values.remove(&inline);
+                Ok(())
+            }
+            (false, false) => Err(self.error(
+                file,
+                format!("{} is set too; set only one of them", inline.name()),
+            )),
+        }
     }
 
     /// The winning text and origin of `key`, falling back to its default.
@@ -548,7 +686,16 @@ impl Layers {
         let roots = self.value(Key::UpstreamRoots, roots)?;
         let connect_timeout = self.value(Key::UpstreamConnectTimeout, timeout)?;
         let response_timeout = self.value(Key::UpstreamResponseTimeout, timeout)?;
-        let key_id = self.value(Key::CredentialsKeyId, non_empty)?;
+        let proxy = self.optional(Key::UpstreamProxy, proxy_url)?;
+        let no_proxy = self.optional(Key::UpstreamNoProxy, |t| Ok(t.to_owned()))?;
+        // The upstream is fixed, so NO_PROXY is decided once, here.
+        let proxy = proxy.filter(|_| {
+            !no_proxy
+                .as_deref()
+                .is_some_and(|list| no_proxy_matches(list, authority.host()))
+        });
+        let replay_buffer_bytes = self.value(Key::UpstreamReplayBufferBytes, size)?;
+        let reload_interval = self.value(Key::CredentialsReloadInterval, timeout)?;
         let token = TokenSettings {
             lifetime: self.value(Key::TokenLifetime, |t| whole_seconds(t).and_then(nonzero))?,
             refresh_before: self.value(Key::TokenRefreshBefore, whole_seconds)?,
@@ -557,6 +704,28 @@ impl Layers {
         };
         self.validate(&token)?;
         let shutdown_timeout = self.value(Key::ShutdownTimeout, timeout)?;
+        let admin_listen = self.value(Key::AdminListen, socket_addr)?;
+        let drain_delay = self.value(Key::DrainDelay, duration)?;
+        let worker_threads = self.value(Key::WorkerThreads, threads)?;
+        let client = ClientLimits {
+            header_timeout: self.value(Key::ClientHeaderTimeout, timeout)?,
+            idle_timeout: self.value(Key::ClientIdleTimeout, timeout)?,
+            max_header_bytes: self.value(Key::ClientMaxHeaderBytes, |t| {
+                size(t).and_then(|n| match n {
+                    // hyper needs room for at least a minimal request head.
+                    n if n < 4096 => Err(format!("must be at least 4KiB, got {t:?}")),
+                    n => Ok(n),
+                })
+            })?,
+            max_in_flight: self.value(Key::ClientMaxInFlight, count)?,
+            max_body_bytes: self
+                .optional(Key::ClientMaxBodyBytes, size)?
+                .map(|n| n as u64),
+        };
+        let log = LogSettings {
+            format: self.value(Key::LogFormat, log_format)?,
+            redact_query: self.value(Key::LogRedactQuery, boolean)?,
+        };
 
         // Files last, once everything they could be wasted on is known to be valid.
         let ca_file = self.optional(Key::UpstreamCaFile, path)?;
@@ -567,8 +736,14 @@ impl Layers {
             None => Vec::new(),
         };
         let (secret, secret_file) = self.secret()?;
+        let (key_id, key_id_file) = self.key_id()?;
         Ok(Config {
             listen,
+            admin_listen,
+            drain_delay,
+            worker_threads,
+            client,
+            log,
             upstream: Upstream {
                 scheme,
                 authority,
@@ -579,15 +754,40 @@ impl Layers {
                 allow_insecure_http,
                 connect_timeout,
                 response_timeout,
+                proxy,
+                replay_buffer_bytes,
             },
             credentials: Credentials {
                 key_id,
                 secret,
                 secret_file,
+                key_id_file,
+                reload_interval,
             },
             token,
             shutdown_timeout,
         })
+    }
+
+    /// The key id, and the file it was read from. `read_env` left at most one source.
+    fn key_id(&self) -> Result<(String, Option<PathBuf>), ConfigError> {
+        if let Some(file) = self.optional(Key::CredentialsKeyIdFile, path)? {
+            let key_id =
+                read_key_id(&file).map_err(|p| self.error(Key::CredentialsKeyIdFile, p))?;
+            return Ok((key_id, Some(file)));
+        }
+        let key_id = self
+            .optional(Key::CredentialsKeyId, non_empty)?
+            .ok_or_else(|| {
+                let problem = format!(
+                    "required: set {} or {}, or {} in the config file",
+                    Key::CredentialsKeyId.env(),
+                    Key::CredentialsKeyIdFile.env(),
+                    Key::CredentialsKeyId.name(),
+                );
+                ConfigError::new(Key::CredentialsKeyId.name(), problem)
+            })?;
+        Ok((key_id, None))
     }
 
     /// The secret, and the file it was read from. `read_env` left at most one source.
@@ -666,6 +866,33 @@ impl Layers {
             .map(|key| {
                 let value = match key {
                     Key::Listen => config.listen.to_string(),
+                    Key::AdminListen => config.admin_listen.to_string(),
+                    Key::DrainDelay => show_duration(config.drain_delay),
+                    Key::WorkerThreads => config
+                        .worker_threads
+                        .map_or_else(|| "auto".into(), |n| n.to_string()),
+                    Key::UpstreamProxy => upstream
+                        .proxy
+                        .as_ref()
+                        .map_or_else(|| "(none)".into(), redacted_proxy),
+                    Key::UpstreamNoProxy => self
+                        .get(Key::UpstreamNoProxy)
+                        .map_or_else(|| "(none)".into(), |(text, _)| text.to_owned()),
+                    Key::UpstreamReplayBufferBytes => upstream.replay_buffer_bytes.to_string(),
+                    Key::CredentialsKeyIdFile => path(&config.credentials.key_id_file),
+                    Key::CredentialsReloadInterval => {
+                        show_duration(config.credentials.reload_interval)
+                    }
+                    Key::ClientHeaderTimeout => show_duration(config.client.header_timeout),
+                    Key::ClientIdleTimeout => show_duration(config.client.idle_timeout),
+                    Key::ClientMaxHeaderBytes => config.client.max_header_bytes.to_string(),
+                    Key::ClientMaxInFlight => config.client.max_in_flight.to_string(),
+                    Key::ClientMaxBodyBytes => config
+                        .client
+                        .max_body_bytes
+                        .map_or_else(|| "(no limit)".into(), |n| n.to_string()),
+                    Key::LogFormat => config.log.format.to_string(),
+                    Key::LogRedactQuery => config.log.redact_query.to_string(),
                     Key::UpstreamUrl => upstream.url(),
                     Key::UpstreamCaFile => path(&upstream.ca_file),
                     Key::UpstreamRoots => upstream.roots.to_string(),
@@ -687,6 +914,9 @@ impl Layers {
                 let origin = match key {
                     Key::CredentialsSecret if config.credentials.secret_file.is_some() => {
                         self.origin(Key::CredentialsSecretFile)
+                    }
+                    Key::CredentialsKeyId if config.credentials.key_id_file.is_some() => {
+                        self.origin(Key::CredentialsKeyIdFile)
                     }
                     _ => self.origin(key),
                 };
@@ -856,6 +1086,93 @@ fn nonzero(d: Duration) -> Result<Duration, String> {
     }
 }
 
+/// Bytes: a plain integer, or one with a `KiB` or `MiB` suffix.
+fn size(text: &str) -> Result<usize, String> {
+    let (number, multiplier) = if let Some(n) = text.strip_suffix("KiB") {
+        (n, 1024)
+    } else if let Some(n) = text.strip_suffix("MiB") {
+        (n, 1024 * 1024)
+    } else {
+        (text, 1)
+    };
+    number
+        .parse::<usize>()
+        .ok()
+        .and_then(|n| n.checked_mul(multiplier))
+        .ok_or_else(|| expected(SIZE, text))
+}
+
+fn count(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(expected(COUNT, text)),
+    }
+}
+
+fn threads(text: &str) -> Result<Option<usize>, String> {
+    match text {
+        "auto" => Ok(None),
+        _ => count(text).map(Some).map_err(|_| expected(THREADS, text)),
+    }
+}
+
+fn log_format(text: &str) -> Result<LogFormat, String> {
+    match text {
+        "auto" => Ok(LogFormat::Auto),
+        "json" => Ok(LogFormat::Json),
+        "pretty" => Ok(LogFormat::Pretty),
+        _ => Err(expected(LOG_FORMAT, text)),
+    }
+}
+
+/// An `http://host:port` proxy, optionally with `user:password@` for `Proxy-Authorization`.
+/// Never echoed: it may hold a password.
+fn proxy_url(text: &str) -> Result<Uri, String> {
+    let uri = text
+        .parse::<Uri>()
+        .map_err(|_| format!("expected {PROXY}"))?;
+    match (uri.scheme(), uri.authority()) {
+        (Some(scheme), Some(authority))
+            if *scheme == Scheme::HTTP && !authority.host().is_empty() =>
+        {
+            Ok(uri)
+        }
+        (Some(scheme), Some(_)) => Err(format!(
+            "expected {PROXY}: the tunnel to the upstream is TLS already, got scheme {:?}",
+            scheme.as_str()
+        )),
+        _ => Err(format!("expected {PROXY}")),
+    }
+}
+
+/// The proxy URL with any password replaced, for display.
+fn redacted_proxy(uri: &Uri) -> String {
+    let authority = uri.authority().map_or("", |a| a.as_str());
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split(':').next().unwrap_or_default();
+            format!("http://{user}:<redacted>@{host}")
+        }
+        None => format!("http://{authority}"),
+    }
+}
+
+/// Whether `NO_PROXY` exempts `host`, as curl reads it: `*` for all; otherwise entries that
+/// equal the host or are a domain suffix of it (`example.com` and `.example.com` both cover
+/// `api.example.com`), compared without case; ports and CIDR ranges are not supported.
+fn no_proxy_matches(list: &str, host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    list.split(',').map(str::trim).any(|entry| {
+        let entry = entry.trim_start_matches('.');
+        entry == "*"
+            || host.eq_ignore_ascii_case(entry)
+            || (host.len() > entry.len()
+                && !entry.is_empty()
+                && host[..host.len() - entry.len()].ends_with('.')
+                && host[host.len() - entry.len()..].eq_ignore_ascii_case(entry))
+    })
+}
+
 /// The inverse of [`duration`]: `60s`, `1500ms`.
 fn show_duration(d: Duration) -> String {
     match d.subsec_nanos() {
@@ -900,6 +1217,15 @@ fn read_certificates(file: &Path) -> Result<Vec<CertificateDer<'static>>, String
 }
 
 fn read_secret(file: &Path) -> Result<Secret, String> {
+    read_credential(file).map(Secret::new)
+}
+
+fn read_key_id(file: &Path) -> Result<String, String> {
+    read_credential(file).map(|bytes| String::from_utf8(bytes).expect("checked UTF-8"))
+}
+
+/// A credential file's text: UTF-8, one trailing line ending dropped, not empty.
+pub fn read_credential(file: &Path) -> Result<Vec<u8>, String> {
     let mut bytes = read_bounded(file, MAX_SECRET_FILE)?;
     // `echo` and `kubectl create secret --from-file` often leave one line ending.
     if bytes.ends_with(b"\n") {
@@ -914,7 +1240,7 @@ fn read_secret(file: &Path) -> Result<Secret, String> {
     if bytes.is_empty() {
         return Err(format!("{} is empty", file.display()));
     }
-    Ok(Secret::new(bytes))
+    Ok(bytes)
 }
 
 #[cfg(test)]
@@ -1090,9 +1416,13 @@ mod tests {
         for (from_example, default) in example.effective.iter().zip(&defaults.effective) {
             assert_eq!(from_example.key, default.key);
             assert_eq!(from_example.value, default.value, "{}", default.key);
-            // Every key the file accepts is written out, except the one without a default.
+            // Every key the file accepts is written out, except those without a default.
             let expected = match from_example.key {
-                "upstream.ca_file" => Origin::Default,
+                "upstream.ca_file"
+                | "upstream.proxy"
+                | "upstream.no_proxy"
+                | "credentials.key_id_file"
+                | "client.max_body_bytes" => Origin::Default,
                 "credentials.secret_file" | "credentials.secret" => {
                     Origin::Env("IDMATCH_SECRET_FILE")
                 }
@@ -1419,10 +1749,14 @@ mod tests {
             message,
             format!(
                 "{FILE} line 4: unknown key \"upstream.urll\" (expected one of: listen, \
-                 shutdown_timeout, upstream.url, upstream.roots, upstream.ca_file, \
-                 upstream.allow_insecure_http, upstream.connect_timeout, \
-                 upstream.response_timeout, credentials.key_id, credentials.secret_file, \
-                 token.lifetime, token.refresh_before, token.margin, token.backdate)"
+                 admin.listen, drain_delay, shutdown_timeout, worker_threads, upstream.url, \
+                 upstream.roots, upstream.ca_file, upstream.allow_insecure_http, \
+                 upstream.connect_timeout, upstream.response_timeout, upstream.proxy, \
+                 upstream.no_proxy, upstream.replay_buffer_bytes, credentials.key_id, \
+                 credentials.key_id_file, credentials.secret_file, credentials.reload_interval, \
+                 token.lifetime, token.refresh_before, token.margin, token.backdate, \
+                 client.header_timeout, client.idle_timeout, client.max_header_bytes, \
+                 client.max_in_flight, client.max_body_bytes, log.format, log.redact_query)"
             )
         );
         assert!(file_error("\n[upstreams]\nurl = \"x\"")
@@ -1458,7 +1792,8 @@ mod tests {
     fn key_id_is_required_and_non_empty() {
         assert_eq!(
             error(None, &env(&[("IDMATCH_SECRET", SECRET)])),
-            "credentials.key_id: required: set IDMATCH_KEY_ID or credentials.key_id in the config file"
+            "credentials.key_id: required: set IDMATCH_KEY_ID or IDMATCH_KEY_ID_FILE, or \
+             credentials.key_id in the config file"
         );
         assert_eq!(
             error(
@@ -1754,6 +2089,161 @@ mod tests {
                 "upstream.ca_file              (none)                                 default\n"
             ),
             "{rendered}"
+        );
+    }
+
+    #[test]
+    fn operations_keys_parse() {
+        let config = config(
+            "drain_delay = \"0s\"\nworker_threads = \"3\"\n\
+             [admin]\nlisten = \"0.0.0.0:9000\"\n\
+             [client]\nmax_header_bytes = \"32KiB\"\nmax_in_flight = \"7\"\nmax_body_bytes = \"1MiB\"\n\
+             [log]\nformat = \"pretty\"\nredact_query = false\n\
+             [upstream]\nreplay_buffer_bytes = \"0\"",
+            &[],
+        );
+        assert_eq!(config.admin_listen, "0.0.0.0:9000".parse().unwrap());
+        assert_eq!(config.drain_delay, Duration::ZERO);
+        assert_eq!(config.worker_threads, Some(3));
+        assert_eq!(config.client.max_header_bytes, 32 * 1024);
+        assert_eq!(config.client.max_in_flight, 7);
+        assert_eq!(config.client.max_body_bytes, Some(1 << 20));
+        assert_eq!(
+            config.log,
+            LogSettings {
+                format: LogFormat::Pretty,
+                redact_query: false
+            }
+        );
+        assert_eq!(config.upstream.replay_buffer_bytes, 0);
+
+        let defaults = load(None, &env_with(&[])).unwrap().config;
+        assert_eq!(defaults.worker_threads, None);
+        assert_eq!(defaults.client.max_body_bytes, None);
+        assert_eq!(defaults.upstream.replay_buffer_bytes, 64 * 1024);
+
+        for (var, value, wanted) in [
+            ("IDMATCH_CLIENT_MAX_HEADER_BYTES", "12kb", "a size in bytes"),
+            (
+                "IDMATCH_CLIENT_MAX_HEADER_BYTES",
+                "1KiB",
+                "must be at least 4KiB",
+            ),
+            ("IDMATCH_CLIENT_MAX_IN_FLIGHT", "0", "a positive integer"),
+            (
+                "IDMATCH_WORKER_THREADS",
+                "many",
+                "auto or a positive integer",
+            ),
+            ("IDMATCH_LOG_FORMAT", "xml", "auto, json or pretty"),
+        ] {
+            let message = env_error(&[(var, value)]);
+            assert!(
+                message.starts_with(&format!("{var} (environment): ")),
+                "{message}"
+            );
+            assert!(message.contains(wanted), "{message}");
+        }
+    }
+
+    #[test]
+    fn egress_proxy_comes_from_our_key_or_https_proxy_unless_no_proxy_exempts() {
+        let proxy_of = |extra: &[(&str, &str)]| {
+            load(None, &env_with(extra))
+                .unwrap()
+                .config
+                .upstream
+                .proxy
+                .map(|p| p.to_string())
+        };
+        assert_eq!(proxy_of(&[]), None);
+        assert_eq!(
+            proxy_of(&[("https_proxy", "http://low:1")]).as_deref(),
+            Some("http://low:1/")
+        );
+        assert_eq!(
+            proxy_of(&[
+                ("HTTPS_PROXY", "http://up:1"),
+                ("https_proxy", "http://low:1")
+            ])
+            .as_deref(),
+            Some("http://up:1/")
+        );
+        assert_eq!(
+            proxy_of(&[
+                ("IDMATCH_UPSTREAM_PROXY", "http://ours:3128"),
+                ("HTTPS_PROXY", "http://up:1")
+            ])
+            .as_deref(),
+            Some("http://ours:3128/")
+        );
+        for exempt in ["*", "cm.com", ".cm.com", "API.CM.COM", "x, api.cm.com ,y"] {
+            assert_eq!(
+                proxy_of(&[("HTTPS_PROXY", "http://up:1"), ("NO_PROXY", exempt)]),
+                None,
+                "{exempt}"
+            );
+        }
+        for not_exempt in ["m.com", "pi.cm.com", "example.com", ""] {
+            assert!(
+                proxy_of(&[("HTTPS_PROXY", "http://up:1"), ("no_proxy", not_exempt)]).is_some(),
+                "{not_exempt}"
+            );
+        }
+        let message = env_error(&[("IDMATCH_UPSTREAM_PROXY", "https://user:hunter2@proxy:3128")]);
+        assert!(
+            message.starts_with("IDMATCH_UPSTREAM_PROXY (environment): expected an http:// proxy"),
+            "{message}"
+        );
+        assert!(!message.contains("hunter2"), "{message}");
+        let shown = load(
+            None,
+            &env_with(&[("HTTPS_PROXY", "http://user:hunter2@proxy:3128")]),
+        )
+        .unwrap();
+        let row = shown
+            .effective
+            .iter()
+            .find(|s| s.key == "upstream.proxy")
+            .unwrap();
+        assert_eq!(row.value, "http://user:<redacted>@proxy:3128");
+        assert_eq!(row.origin, Origin::Env("HTTPS_PROXY"));
+    }
+
+    #[test]
+    fn key_id_may_come_from_a_file() {
+        let file = temp_file(b"rotating-kid\n");
+        let mut env = env(&[
+            ("IDMATCH_SECRET", SECRET),
+            ("IDMATCH_KEY_ID_FILE", path_of(&file)),
+        ]);
+        let config = load(None, &env).unwrap().config;
+        assert_eq!(config.credentials.key_id, "rotating-kid");
+        assert_eq!(config.credentials.key_id_file.as_deref(), Some(file.path()));
+        // The environment's choice replaces the file's; both in one layer are refused.
+        let both_in_file = format!(
+            "[credentials]\nkey_id = \"a\"\nkey_id_file = \"{}\"",
+            path_of(&file)
+        );
+        assert_eq!(
+            load(Some(&both_in_file), &env)
+                .unwrap()
+                .config
+                .credentials
+                .key_id,
+            "rotating-kid"
+        );
+        env.remove("IDMATCH_KEY_ID_FILE");
+        let message = error(Some(&both_in_file), &env);
+        assert_eq!(
+            message,
+            format!("credentials.key_id_file in {FILE}: credentials.key_id is set too; set only one of them")
+        );
+        env.insert("IDMATCH_KEY_ID".into(), "inline".into());
+        env.insert("IDMATCH_KEY_ID_FILE".into(), path_of(&file).into());
+        assert_eq!(
+            error(None, &env),
+            "IDMATCH_KEY_ID and IDMATCH_KEY_ID_FILE (environment): both are set; set only one of them"
         );
     }
 }

@@ -18,6 +18,10 @@ pub static PROXY_STATUS: HeaderName = HeaderName::from_static("proxy-status");
 /// How this proxy names itself in `Proxy-Status`.
 const PROXY_NAME: &str = "idmatch-proxy";
 
+/// Marks a response the proxy made itself, in its extensions, for metrics and the access log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProxyErrorCode(pub &'static str);
+
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
     #[error("{0} is not supported: this proxy forwards requests to one fixed upstream")]
@@ -119,6 +123,19 @@ impl ProxyError {
         self.status().is_client_error()
     }
 
+    /// Whether connecting to the upstream failed (as opposed to an exchange on a connection).
+    pub fn is_connect_error(&self) -> bool {
+        matches!(
+            self,
+            Self::Dns(_)
+                | Self::ConnectionRefused
+                | Self::ConnectTimeout
+                | Self::TlsCertificate(_)
+                | Self::TlsProtocol(_)
+                | Self::Unreachable(_)
+        )
+    }
+
     pub fn into_response(self) -> Response<Full<Bytes>> {
         let body = serde_json::json!({
             "error": { "code": self.code(), "message": self.to_string() }
@@ -132,6 +149,9 @@ impl ProxyError {
             PROXY_STATUS.clone(),
             HeaderValue::try_from(proxy_status).expect("ASCII"),
         );
+        response
+            .extensions_mut()
+            .insert(ProxyErrorCode(self.code()));
         response
     }
 }

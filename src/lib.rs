@@ -16,6 +16,7 @@
 pub mod config;
 pub mod error;
 pub mod headers;
+pub mod metrics;
 pub mod proxy;
 pub mod telemetry;
 pub mod token;
@@ -33,6 +34,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::token::{Clock, Signer, SystemClock, TokenCache};
 
@@ -62,7 +64,13 @@ impl Server {
             config.credentials.secret.expose(),
         );
         let tokens = Arc::new(TokenCache::new(signer, config.token.clone(), clock));
-        let proxy = Arc::new(Proxy::new(&config.upstream, client, tokens.clone()));
+        let metrics = Arc::new(Metrics::new());
+        let proxy = Arc::new(Proxy::new(
+            &config.upstream,
+            client,
+            tokens.clone(),
+            metrics.clone(),
+        ));
         Ok(Self {
             proxy,
             tokens,

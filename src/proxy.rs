@@ -13,6 +13,7 @@ use hyper::body::Incoming;
 use crate::config::Upstream;
 use crate::error::ProxyError;
 use crate::headers;
+use crate::metrics::{ErrorLabels, Metrics};
 use crate::token::TokenCache;
 use crate::upstream::UpstreamClient;
 
@@ -28,10 +29,16 @@ pub struct Proxy {
     host: HeaderValue,
     response_timeout: Duration,
     tokens: Arc<TokenCache>,
+    metrics: Arc<Metrics>,
 }
 
 impl Proxy {
-    pub fn new(upstream: &Upstream, client: UpstreamClient, tokens: Arc<TokenCache>) -> Self {
+    pub fn new(
+        upstream: &Upstream,
+        client: UpstreamClient,
+        tokens: Arc<TokenCache>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
             client,
             scheme: upstream.scheme.clone(),
@@ -41,6 +48,7 @@ impl Proxy {
                 .expect("an authority is a valid header value"),
             response_timeout: upstream.response_timeout,
             tokens,
+            metrics,
         }
     }
 
@@ -53,6 +61,13 @@ impl Proxy {
         match self.forward(request, local).await {
             Ok(response) => response.map(Either::Left),
             Err(error) => {
+                if error.is_connect_error() {
+                    let code = ErrorLabels { code: error.code() };
+                    self.metrics
+                        .upstream_connect_errors
+                        .get_or_create(&code)
+                        .inc();
+                }
                 if error.is_client_error() {
                     tracing::debug!(code = error.code(), %error, "request refused");
                 } else {

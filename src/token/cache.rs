@@ -53,17 +53,23 @@ pub struct MintCounts {
     pub background: u64,
     /// By the request path, because the refresher was late.
     pub inline: u64,
+    /// Because the credentials changed.
+    pub rotation: u64,
+    /// Because the upstream answered 401 to the cached token.
+    pub reauth: u64,
 }
 
 pub struct TokenCache {
-    signer: Signer,
     settings: TokenSettings,
     clock: Arc<dyn Clock>,
     current: ArcSwap<Minted>,
-    /// Serialises minting, so concurrent stale readers sign once.
-    mint_lock: Mutex<()>,
+    /// The signer, behind the lock that serialises minting, so that concurrent stale readers
+    /// sign once and a rotation never races a refresh.
+    signer: Mutex<Signer>,
     background_mints: AtomicU64,
     inline_mints: AtomicU64,
+    rotation_mints: AtomicU64,
+    reauth_mints: AtomicU64,
 }
 
 impl TokenCache {
@@ -71,13 +77,14 @@ impl TokenCache {
     pub fn new(signer: Signer, settings: TokenSettings, clock: Arc<dyn Clock>) -> Self {
         let first = mint(&signer, &settings, clock.now());
         Self {
-            signer,
             settings,
             clock,
             current: ArcSwap::from_pointee(first),
-            mint_lock: Mutex::new(()),
+            signer: Mutex::new(signer),
             background_mints: AtomicU64::new(1),
             inline_mints: AtomicU64::new(0),
+            rotation_mints: AtomicU64::new(0),
+            reauth_mints: AtomicU64::new(0),
         }
     }
 
@@ -96,18 +103,47 @@ impl TokenCache {
 
     #[cold]
     fn mint_inline(&self) -> HeaderValue {
-        let _minting = self.mint_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let signer = self.lock_signer();
         // Whoever held the lock before us may have minted a fresh one already.
         let now = self.clock.now();
         let current = self.current.load();
         if current.usable_from <= now && now < current.usable_until {
             return current.authorization.clone();
         }
-        let minted = mint(&self.signer, &self.settings, now);
-        let authorization = minted.authorization.clone();
-        self.current.store(Arc::new(minted));
         self.inline_mints.fetch_add(1, Ordering::Relaxed);
         tracing::warn!("token refresh was late; minted one on the request path");
+        self.store(mint(&signer, &self.settings, now))
+    }
+
+    /// The upstream refused `rejected` (a 401): unless a newer token is cached already, mint
+    /// one now. Returns the value to retry with.
+    pub fn reject(&self, rejected: &HeaderValue) -> HeaderValue {
+        let signer = self.lock_signer();
+        let current = self.current.load();
+        if current.authorization != rejected {
+            return current.authorization.clone();
+        }
+        self.reauth_mints.fetch_add(1, Ordering::Relaxed);
+        self.store(mint(&signer, &self.settings, self.clock.now()))
+    }
+
+    /// New credentials: every token from now on is signed with them, starting with one minted
+    /// at once.
+    pub fn replace_signer(&self, new: Signer) {
+        let mut signer = self.lock_signer();
+        *signer = new;
+        self.rotation_mints.fetch_add(1, Ordering::Relaxed);
+        self.store(mint(&signer, &self.settings, self.clock.now()));
+    }
+
+    fn lock_signer(&self) -> std::sync::MutexGuard<'_, Signer> {
+        // Minting cannot panic half-way, so a poisoned lock still guards a whole signer.
+        self.signer.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn store(&self, minted: Minted) -> HeaderValue {
+        let authorization = minted.authorization.clone();
+        self.current.store(Arc::new(minted));
         authorization
     }
 
@@ -125,15 +161,11 @@ impl TokenCache {
 
     /// Re-mints if the refresh is due; returns whether it did.
     pub fn refresh_if_due(&self) -> bool {
-        let _minting = self.mint_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let signer = self.lock_signer();
         if !self.refresh_due_in().is_zero() {
             return false;
         }
-        self.current.store(Arc::new(mint(
-            &self.signer,
-            &self.settings,
-            self.clock.now(),
-        )));
+        self.store(mint(&signer, &self.settings, self.clock.now()));
         self.background_mints.fetch_add(1, Ordering::Relaxed);
         tracing::debug!("token refreshed");
         true
@@ -152,10 +184,25 @@ impl TokenCache {
         self.current.load().claims
     }
 
+    /// Whether the cached token can be sent now: valid, with at least `margin` left.
+    pub fn is_fresh(&self) -> bool {
+        let now = self.clock.now();
+        let current = self.current.load();
+        current.usable_from <= now && now < current.usable_until
+    }
+
+    /// Seconds until the cached token's `exp`; negative once expired.
+    pub fn seconds_until_expiry(&self) -> i64 {
+        let exp = self.current.load().claims.exp as i64;
+        exp - self.clock.now().as_secs() as i64
+    }
+
     pub fn mint_counts(&self) -> MintCounts {
         MintCounts {
             background: self.background_mints.load(Ordering::Relaxed),
             inline: self.inline_mints.load(Ordering::Relaxed),
+            rotation: self.rotation_mints.load(Ordering::Relaxed),
+            reauth: self.reauth_mints.load(Ordering::Relaxed),
         }
     }
 }
@@ -284,7 +331,7 @@ mod tests {
             cache.mint_counts(),
             MintCounts {
                 background: 1,
-                inline: 0
+                ..Default::default()
             }
         );
     }
@@ -307,7 +354,7 @@ mod tests {
             cache.mint_counts(),
             MintCounts {
                 background: 2,
-                inline: 0
+                ..Default::default()
             }
         );
     }
@@ -409,8 +456,46 @@ mod tests {
             cache.mint_counts(),
             MintCounts {
                 background: 1 + 3610 / 40,
-                inline: 0
+                ..Default::default()
             }
         );
+    }
+
+    #[test]
+    fn a_rejected_token_is_replaced_once() {
+        let clock = ManualClock::at(T0);
+        let cache = cache(clock.clone());
+        let rejected = cache.authorization();
+        clock.advance(Duration::from_secs(1));
+        let retry = cache.reject(&rejected);
+        assert_ne!(retry, rejected);
+        assert_eq!(cache.authorization(), retry);
+        // Concurrent requests that were refused the same old token share the new one.
+        assert_eq!(cache.reject(&rejected), retry);
+        assert_eq!(cache.mint_counts().reauth, 1);
+    }
+
+    #[test]
+    fn a_new_signer_is_used_at_once() {
+        let clock = ManualClock::at(T0);
+        let cache = cache(clock.clone());
+        let old = cache.authorization();
+        cache.replace_signer(Signer::new("kid-2", b"secret-2"));
+        let new = cache.authorization();
+        assert_ne!(new, old);
+        let expected = Signer::new("kid-2", b"secret-2").sign(claims_of(&new));
+        assert_eq!(new.to_str().unwrap(), format!("Bearer {expected}"));
+        assert_eq!(cache.mint_counts().rotation, 1);
+    }
+
+    #[test]
+    fn freshness_and_expiry_follow_the_clock() {
+        let clock = ManualClock::at(T0);
+        let cache = cache(clock.clone());
+        assert!(cache.is_fresh());
+        assert_eq!(cache.seconds_until_expiry(), 55);
+        clock.advance(Duration::from_secs(50));
+        assert!(!cache.is_fresh(), "inside the margin");
+        assert_eq!(cache.seconds_until_expiry(), 5);
     }
 }

@@ -1,0 +1,216 @@
+//! Prometheus metrics. Labels are small closed sets (method, status class, error type): never
+//! a path, a query, a token or a secret.
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::token::TokenCache;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub method: &'static str,
+    pub status_class: &'static str,
+}
+
+impl RequestLabels {
+    pub fn new(method: &http::Method, status: http::StatusCode) -> Self {
+        // Folded so that clients cannot grow the label set.
+        let method = match *method {
+            http::Method::GET => "GET",
+            http::Method::POST => "POST",
+            http::Method::PUT => "PUT",
+            http::Method::PATCH => "PATCH",
+            http::Method::DELETE => "DELETE",
+            http::Method::HEAD => "HEAD",
+            http::Method::OPTIONS => "OPTIONS",
+            _ => "other",
+        };
+        let status_class = match status.as_u16() {
+            100..=199 => "1xx",
+            200..=299 => "2xx",
+            300..=399 => "3xx",
+            400..=499 => "4xx",
+            _ => "5xx",
+        };
+        Self {
+            method,
+            status_class,
+        }
+    }
+}
+
+/// An RFC 9209 error type, as `ProxyError::code` returns it.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    pub code: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TriggerLabels {
+    trigger: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: &'static str,
+}
+
+/// Every metric the proxy exports. Handles are cheap clones of shared atomics.
+pub struct Metrics {
+    registry: Registry,
+    /// Finished requests (response sent, body included).
+    pub requests: Family<RequestLabels, Counter>,
+    /// From request head received to the last byte of the response body.
+    pub request_duration: Histogram,
+    /// From request head received to the upstream's response head.
+    pub upstream_ttfb: Histogram,
+    pub in_flight: Gauge,
+    /// Responses the proxy made itself, by RFC 9209 error type.
+    pub proxy_errors: Family<ErrorLabels, Counter>,
+    /// Failures to connect to the upstream (DNS, TCP, TLS, timeout), by error type.
+    pub upstream_connect_errors: Family<ErrorLabels, Counter>,
+    /// Requests sent again: after a connection failure before writing, or a 401.
+    pub retries: Family<ReasonLabels, Counter>,
+    /// Replays after a 401 that were not possible because the body was too large to keep.
+    pub unauthorized_not_replayed: Counter,
+    /// Re-reads of changed credential files, by outcome (`success` or `failure`).
+    pub credential_reloads: Family<OutcomeLabels, Counter>,
+    token_mints: Family<TriggerLabels, Counter<u64, AtomicU64>>,
+    token_expiry: Gauge,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("idmatch_proxy");
+        let latency = || Histogram::new(LATENCY_BUCKETS.iter().copied());
+        let metrics = Self {
+            requests: Family::default(),
+            request_duration: latency(),
+            upstream_ttfb: latency(),
+            in_flight: Gauge::default(),
+            proxy_errors: Family::default(),
+            upstream_connect_errors: Family::default(),
+            retries: Family::default(),
+            unauthorized_not_replayed: Counter::default(),
+            credential_reloads: Family::default(),
+            token_mints: Family::default(),
+            token_expiry: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "requests",
+            "Requests answered, by method and status class",
+            metrics.requests.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Time from request head to the end of the response body",
+            metrics.request_duration.clone(),
+        );
+        registry.register(
+            "upstream_response_seconds",
+            "Time from request head to the upstream's response head (time to first byte)",
+            metrics.upstream_ttfb.clone(),
+        );
+        registry.register(
+            "requests_in_flight",
+            "Requests being handled now",
+            metrics.in_flight.clone(),
+        );
+        registry.register(
+            "proxy_errors",
+            "Responses made by the proxy itself, by RFC 9209 error type",
+            metrics.proxy_errors.clone(),
+        );
+        registry.register(
+            "upstream_connect_errors",
+            "Failures to connect to the upstream, by RFC 9209 error type",
+            metrics.upstream_connect_errors.clone(),
+        );
+        registry.register(
+            "upstream_retries",
+            "Requests sent to the upstream again, by reason",
+            metrics.retries.clone(),
+        );
+        registry.register(
+            "unauthorized_not_replayed",
+            "401 answers passed to the client because the request body was too large to replay",
+            metrics.unauthorized_not_replayed.clone(),
+        );
+        registry.register(
+            "credential_reloads",
+            "Reloads of changed credential files, by outcome",
+            metrics.credential_reloads.clone(),
+        );
+        registry.register(
+            "token_mints",
+            "Tokens signed, by trigger (background, inline, rotation, reauth)",
+            metrics.token_mints.clone(),
+        );
+        registry.register(
+            "token_expiry_seconds",
+            "Seconds until the cached token expires",
+            metrics.token_expiry.clone(),
+        );
+        let build_info = Family::<BuildLabels, Gauge>::default();
+        build_info
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
+        registry.register("build_info", "The running version", build_info);
+        Self {
+            registry,
+            ..metrics
+        }
+    }
+
+    /// The text exposition, with the token gauges read from `tokens` now.
+    pub fn render(&self, tokens: &TokenCache) -> String {
+        let counts = tokens.mint_counts();
+        for (trigger, count) in [
+            ("background", counts.background),
+            ("inline", counts.inline),
+            ("rotation", counts.rotation),
+            ("reauth", counts.reauth),
+        ] {
+            let counter = self.token_mints.get_or_create(&TriggerLabels { trigger });
+            counter
+                .inner()
+                .store(count, std::sync::atomic::Ordering::Relaxed);
+        }
+        self.token_expiry.set(tokens.seconds_until_expiry());
+        let mut text = String::new();
+        encode(&mut text, &self.registry).expect("writing to a String cannot fail");
+        text
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// From 100 µs (the proxy's own cost) to 30 s (the default response timeout).
+const LATENCY_BUCKETS: [f64; 16] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    10.0, 30.0,
+];
