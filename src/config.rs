@@ -241,6 +241,21 @@ pub struct Loaded {
 }
 
 impl Loaded {
+    /// A key as the operator wrote it, for errors found after loading (e.g. binding `listen`):
+    /// `IDMATCH_LISTEN (environment)`, `listen in /etc/x.toml`, `listen (default)`.
+    pub fn describe(&self, key: &str) -> String {
+        let origin = self
+            .effective
+            .iter()
+            .find(|s| s.key == key)
+            .map(|s| &s.origin);
+        match origin {
+            Some(Origin::Env(var)) => format!("{var} (environment)"),
+            Some(Origin::File(path)) => format!("{key} in {}", path.display()),
+            _ => format!("{key} (default)"),
+        }
+    }
+
     /// The effective settings as an aligned table: key, value, origin.
     pub fn render(&self) -> String {
         let header = ["KEY", "VALUE", "ORIGIN"].map(String::from);
@@ -712,8 +727,8 @@ impl Layers {
             idle_timeout: self.value(Key::ClientIdleTimeout, timeout)?,
             max_header_bytes: self.value(Key::ClientMaxHeaderBytes, |t| {
                 size(t).and_then(|n| match n {
-                    // hyper needs room for at least a minimal request head.
-                    n if n < 4096 => Err(format!("must be at least 4KiB, got {t:?}")),
+                    // hyper's smallest read buffer; the limit is enforced through it.
+                    n if n < 8192 => Err(format!("must be at least 8KiB, got {t:?}")),
                     n => Ok(n),
                 })
             })?,
@@ -1212,6 +1227,18 @@ fn read_certificates(file: &Path) -> Result<Vec<CertificateDer<'static>>, String
             "{} holds no certificate (expected PEM \"BEGIN CERTIFICATE\" blocks)",
             file.display()
         ));
+    }
+    // PEM can wrap anything: check that each block decodes as a trust anchor now, while the
+    // key and the file can still be named.
+    let mut store = rustls::RootCertStore::empty();
+    for (index, certificate) in certificates.iter().enumerate() {
+        store.add(certificate.clone()).map_err(|e| {
+            format!(
+                "{}: certificate {} cannot be used as a CA: {e}",
+                file.display(),
+                index + 1
+            )
+        })?;
     }
     Ok(certificates)
 }
@@ -2005,13 +2032,29 @@ mod tests {
 
     #[test]
     fn ca_file_adds_certificates() {
-        // The PEM layer does not look inside the DER; rustls does, when the client is built.
-        let bundle = temp_file(format!("# comment\n{CERTIFICATE}{CERTIFICATE}").as_bytes());
+        let (one, two) = (
+            idmatch_mock::TestPki::localhost(),
+            idmatch_mock::TestPki::localhost(),
+        );
+        let bundle = temp_file(format!("# comment\n{}{}", one.ca_pem(), two.ca_pem()).as_bytes());
         let upstream = config("", &[("IDMATCH_UPSTREAM_CA_FILE", path_of(&bundle))]).upstream;
-        assert_eq!(upstream.extra_roots.len(), 2);
-        assert_eq!(upstream.extra_roots[0].as_ref(), &[1, 2, 3, 4]);
+        assert_eq!(upstream.extra_roots, [one.ca_der(), two.ca_der()]);
         assert_eq!(upstream.ca_file.as_deref(), Some(bundle.path()));
         assert_eq!(upstream.roots, Roots::Webpki);
+    }
+
+    #[test]
+    fn ca_file_certificates_must_decode() {
+        // Valid PEM around DER that is no certificate.
+        let bundle = temp_file(CERTIFICATE.as_bytes());
+        let message = env_error(&[("IDMATCH_UPSTREAM_CA_FILE", path_of(&bundle))]);
+        assert!(
+            message.starts_with(&format!(
+                "IDMATCH_UPSTREAM_CA_FILE (environment): {}: certificate 1 cannot be used as a CA",
+                path_of(&bundle)
+            )),
+            "{message}"
+        );
     }
 
     #[test]
@@ -2126,8 +2169,8 @@ mod tests {
             ("IDMATCH_CLIENT_MAX_HEADER_BYTES", "12kb", "a size in bytes"),
             (
                 "IDMATCH_CLIENT_MAX_HEADER_BYTES",
-                "1KiB",
-                "must be at least 4KiB",
+                "4KiB",
+                "must be at least 8KiB",
             ),
             ("IDMATCH_CLIENT_MAX_IN_FLIGHT", "0", "a positive integer"),
             (

@@ -30,6 +30,11 @@ pub enum ProxyError {
     ForeignAuthority(String),
     #[error("the request target must be an absolute path such as /sim-swap")]
     InvalidTarget,
+    /// Over `client.max_body_bytes`: announced by `Content-Length`, or reached while streaming.
+    #[error("the request body is larger than {limit} bytes, the most this proxy forwards")]
+    BodyTooLarge { limit: u64 },
+    #[error("the request body could not be read: {0}")]
+    RequestBody(String),
     #[error("cannot resolve the upstream host: {0}")]
     Dns(String),
     #[error("the upstream refused the connection")]
@@ -42,10 +47,18 @@ pub enum ProxyError {
     TlsProtocol(String),
     #[error("cannot connect to the upstream: {0}")]
     Unreachable(String),
+    /// The egress proxy could not be reached or would not open the tunnel; the message names it.
+    #[error("{0}")]
+    Egress(String),
+    /// The egress proxy wants other credentials than its URL gives: an operator must act.
+    #[error("{0}")]
+    EgressAuthentication(String),
     #[error("the upstream sent no response headers within {0:?}")]
     ResponseTimeout(std::time::Duration),
     #[error("the upstream closed the connection before responding: {0}")]
     Terminated(String),
+    #[error("too many requests in flight; retry shortly")]
+    Overloaded,
 }
 
 impl ProxyError {
@@ -54,6 +67,10 @@ impl ProxyError {
     pub fn from_upstream(error: hyper_util::client::legacy::Error) -> Self {
         let mut cause: Option<&(dyn StdError + 'static)> = Some(&error);
         while let Some(e) = cause {
+            // Before its causes: the proxy's own connection errors are not the upstream's.
+            if let Some(egress) = e.downcast_ref::<crate::upstream::EgressError>() {
+                return Self::from_egress(egress);
+            }
             if let Some(tls) = e.downcast_ref::<rustls::Error>() {
                 return Self::from_tls(tls);
             }
@@ -80,6 +97,17 @@ impl ProxyError {
         }
     }
 
+    fn from_egress(error: &crate::upstream::EgressError) -> Self {
+        use crate::upstream::EgressError;
+        match error {
+            EgressError::AuthenticationRequired { .. }
+            | EgressError::AuthenticationRejected { .. } => {
+                Self::EgressAuthentication(chain(error))
+            }
+            _ => Self::Egress(chain(error)),
+        }
+    }
+
     fn from_tls(error: &rustls::Error) -> Self {
         match error {
             rustls::Error::InvalidCertificate(_) => Self::TlsCertificate(error.to_string()),
@@ -91,13 +119,17 @@ impl ProxyError {
         match self {
             Self::MethodRefused(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::ForeignAuthority(_) => StatusCode::MISDIRECTED_REQUEST,
-            Self::InvalidTarget => StatusCode::BAD_REQUEST,
+            Self::InvalidTarget | Self::RequestBody(_) => StatusCode::BAD_REQUEST,
+            Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::ConnectTimeout | Self::ResponseTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             Self::Dns(_)
             | Self::ConnectionRefused
             | Self::TlsCertificate(_)
             | Self::TlsProtocol(_)
             | Self::Unreachable(_)
+            | Self::Egress(_)
+            | Self::EgressAuthentication(_)
             | Self::Terminated(_) => StatusCode::BAD_GATEWAY,
         }
     }
@@ -106,15 +138,21 @@ impl ProxyError {
     pub fn code(&self) -> &'static str {
         match self {
             Self::MethodRefused(_) | Self::ForeignAuthority(_) => "http_request_denied",
-            Self::InvalidTarget => "http_request_error",
+            Self::InvalidTarget | Self::RequestBody(_) => "http_request_error",
+            // A limit the operator configured, so a refusal by policy (RFC 9209 §2.3.16) rather
+            // than a malformed request; RFC 9209 has no request-body-size type.
+            Self::BodyTooLarge { .. } => "http_request_denied",
             Self::Dns(_) => "dns_error",
             Self::ConnectionRefused => "connection_refused",
             Self::ConnectTimeout => "connection_timeout",
             Self::TlsCertificate(_) => "tls_certificate_error",
             Self::TlsProtocol(_) => "tls_protocol_error",
-            Self::Unreachable(_) => "destination_unavailable",
+            Self::Unreachable(_) | Self::Egress(_) => "destination_unavailable",
+            Self::EgressAuthentication(_) => "proxy_configuration_error",
             Self::ResponseTimeout(_) => "http_response_timeout",
             Self::Terminated(_) => "connection_terminated",
+            // RFC 9209's nearest: a configured limit of the proxy was reached.
+            Self::Overloaded => "connection_limit_reached",
         }
     }
 
@@ -133,6 +171,8 @@ impl ProxyError {
                 | Self::TlsCertificate(_)
                 | Self::TlsProtocol(_)
                 | Self::Unreachable(_)
+                | Self::Egress(_)
+                | Self::EgressAuthentication(_)
         )
     }
 

@@ -4,20 +4,23 @@ use std::io::IsTerminal;
 
 use tracing_subscriber::EnvFilter;
 
-/// `IDMATCH_LOG_FORMAT=json|pretty`; unset means JSON unless stderr is a terminal. `RUST_LOG`
-/// filters as usual and defaults to `info`.
-pub fn init(format: Option<&str>) -> Result<(), String> {
+use crate::config::LogFormat;
+
+/// `RUST_LOG` filters as usual and defaults to `info`; a filter that does not parse is reported
+/// and replaced by the default rather than silently ignored.
+pub fn init(format: LogFormat) {
     let json = match format {
-        Some("json") => true,
-        Some("pretty") => false,
-        Some(other) => {
-            return Err(format!(
-                "IDMATCH_LOG_FORMAT (environment): expected json or pretty, got {other:?}"
-            ))
-        }
-        None => !std::io::stderr().is_terminal(),
+        LogFormat::Json => true,
+        LogFormat::Pretty => false,
+        LogFormat::Auto => !std::io::stderr().is_terminal(),
     };
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let (filter, bad_filter) = match EnvFilter::try_from_default_env() {
+        Ok(filter) => (filter, None),
+        Err(error) => (
+            EnvFilter::new("info"),
+            std::env::var("RUST_LOG").ok().map(|v| (v, error)),
+        ),
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -30,5 +33,7 @@ pub fn init(format: Option<&str>) -> Result<(), String> {
     } else {
         builder.init();
     }
-    Ok(())
+    if let Some((value, error)) = bad_filter {
+        tracing::warn!(rust_log = %value, %error, "RUST_LOG does not parse; logging at info");
+    }
 }

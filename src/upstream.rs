@@ -7,19 +7,21 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::Uri;
-use hyper::body::Incoming;
+use base64::Engine as _;
+use http::uri::{Authority, Scheme};
+use http::{HeaderValue, StatusCode, Uri};
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder, MaybeHttpsStream};
 use hyper_util::client::legacy::connect::dns::Name;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::RootCertStore;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::config::{Roots, Upstream};
 
-pub type UpstreamClient = Client<Connector, Incoming>;
+pub type UpstreamClient = Client<Connector, crate::proxy::UpstreamBody>;
 
 /// Pooled connections idle longer than this are closed by us rather than risk reusing one the
 /// upstream's load balancer is closing (commonly at 60 s).
@@ -27,17 +29,17 @@ const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsSetupError {
-    #[error("upstream.roots = native: the system trust store has no usable certificate ({0})")]
+    #[error(
+        "upstream.roots is native, but the system trust store has no usable certificate ({0})"
+    )]
     NoNativeRoots(String),
-    #[error("upstream.ca_file: certificate {index} is not a valid CA certificate: {source}")]
-    BadExtraRoot { index: usize, source: rustls::Error },
     #[error("TLS configuration: {0}")]
     Rustls(#[from] rustls::Error),
 }
 
 /// Builds the client: rustls with the configured roots, ALPN `h2` then `http/1.1`, TCP_NODELAY,
-/// a bound on connecting (TCP and TLS), and `https://` only unless plain HTTP was explicitly
-/// allowed.
+/// a tunnel through the egress proxy if one is configured, a bound on connecting (TCP, tunnel
+/// and TLS), and `https://` only unless plain HTTP was explicitly allowed.
 pub fn client(upstream: &Upstream) -> Result<UpstreamClient, TlsSetupError> {
     let mut roots = RootCertStore::empty();
     match upstream.roots {
@@ -51,11 +53,8 @@ pub fn client(upstream: &Upstream) -> Result<UpstreamClient, TlsSetupError> {
             }
         }
     }
-    for (index, cert) in upstream.extra_roots.iter().enumerate() {
-        roots
-            .add(cert.clone())
-            .map_err(|source| TlsSetupError::BadExtraRoot { index, source })?;
-    }
+    // Each was checked to be a usable trust anchor when the configuration was loaded.
+    roots.add_parsable_certificates(upstream.extra_roots.iter().cloned());
 
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let tls = rustls::ClientConfig::builder_with_provider(provider)
@@ -66,6 +65,14 @@ pub fn client(upstream: &Upstream) -> Result<UpstreamClient, TlsSetupError> {
     let mut http = HttpConnector::new_with_resolver(Resolver);
     http.enforce_http(false);
     http.set_nodelay(true);
+    let egress = Egress::new(http, upstream.proxy.as_ref());
+    if let Some(proxy) = &egress.proxy {
+        tracing::info!(
+            proxy = %proxy.authority,
+            proxy_authorization = proxy.authorization.is_some(),
+            "reaching the upstream through a CONNECT tunnel"
+        );
+    }
 
     let schemes = HttpsConnectorBuilder::new().with_tls_config(tls);
     let schemes = if upstream.allow_insecure_http {
@@ -73,7 +80,7 @@ pub fn client(upstream: &Upstream) -> Result<UpstreamClient, TlsSetupError> {
     } else {
         schemes.https_only()
     };
-    let https = schemes.enable_http1().enable_http2().wrap_connector(http);
+    let https = schemes.enable_http1().enable_http2().wrap_connector(egress);
     let connector = Connector {
         https,
         timeout: upstream.connect_timeout,
@@ -90,15 +97,16 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type Connecting =
     Pin<Box<dyn Future<Output = Result<MaybeHttpsStream<TokioIo<TcpStream>>, BoxError>> + Send>>;
 
-/// Connecting to the upstream (TCP, then TLS) took longer than `upstream.connect_timeout`.
+/// Connecting to the upstream (TCP, the egress proxy's tunnel if any, then TLS) took longer than
+/// `upstream.connect_timeout`.
 #[derive(Debug, thiserror::Error)]
 #[error("connecting took longer than {0:?}")]
 pub struct ConnectTimeout(Duration);
 
-/// The HTTPS connector with one deadline over TCP connect and TLS handshake together.
+/// The HTTPS connector with one deadline over TCP connect, tunnel and TLS handshake together.
 #[derive(Clone, Debug)]
 pub struct Connector {
-    https: HttpsConnector<HttpConnector<Resolver>>,
+    https: HttpsConnector<Egress>,
     timeout: Duration,
 }
 
@@ -123,7 +131,247 @@ impl tower::Service<Uri> for Connector {
     }
 }
 
-/// The failed lookup of the upstream's host name; its own type so that errors can be sorted.
+/// TCP to the upstream: direct, or through a tunnel that the egress proxy opens with `CONNECT`
+/// (RFC 9110 §9.3.6). TLS to the upstream then runs inside the tunnel, end to end, with the
+/// upstream's name for SNI and verification: the proxy sees the `CONNECT` request and then
+/// only ciphertext, never the token. The name we resolve is the proxy's; the upstream's is
+/// resolved by the proxy.
+///
+/// A plain `http://` upstream (allowed for local testing only) is tunnelled the same way, so
+/// that the egress path does not depend on the scheme; the proxy can then read the token, as
+/// can anyone else on that path.
+#[derive(Clone, Debug)]
+struct Egress {
+    tcp: HttpConnector<Resolver>,
+    proxy: Option<Arc<EgressProxy>>,
+}
+
+/// The egress proxy, prepared once: where to connect and what to authenticate with.
+#[derive(Debug)]
+struct EgressProxy {
+    /// `http://host:port/` without userinfo: what `tcp` connects to.
+    uri: Uri,
+    /// The proxy's host and port, for logs and errors; never the userinfo.
+    authority: Authority,
+    /// `Basic` credentials from the proxy URL's userinfo (RFC 7617), marked sensitive.
+    authorization: Option<HeaderValue>,
+}
+
+impl Egress {
+    fn new(tcp: HttpConnector<Resolver>, proxy: Option<&Uri>) -> Self {
+        let proxy = proxy.and_then(Uri::authority).map(|authority| {
+            let (userinfo, host_port) = match authority.as_str().rsplit_once('@') {
+                Some((userinfo, host_port)) => (Some(userinfo), host_port),
+                None => (None, authority.as_str()),
+            };
+            let authority: Authority = host_port
+                .parse()
+                .expect("the host and port of a valid authority");
+            let uri = Uri::builder()
+                .scheme(Scheme::HTTP)
+                .authority(authority.clone())
+                .path_and_query("/")
+                .build()
+                .expect("scheme, authority and path make a valid URI");
+            Arc::new(EgressProxy {
+                uri,
+                authority,
+                authorization: userinfo.map(basic_authorization),
+            })
+        });
+        Self { tcp, proxy }
+    }
+}
+
+type Tunnelling = Pin<Box<dyn Future<Output = Result<TokioIo<TcpStream>, BoxError>> + Send>>;
+
+impl tower::Service<Uri> for Egress {
+    type Response = TokioIo<TcpStream>;
+    type Error = BoxError;
+    type Future = Tunnelling;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.tcp.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, dst: Uri) -> Tunnelling {
+        let Some(proxy) = self.proxy.clone() else {
+            let connecting = self.tcp.call(dst);
+            return Box::pin(async move { Ok(connecting.await?) });
+        };
+        let connecting = self.tcp.call(proxy.uri.clone());
+        Box::pin(async move {
+            let mut io = connecting
+                .await
+                .map_err(|source| proxy.unreachable(source.into()))?;
+            proxy.open(io.inner_mut(), &connect_target(&dst)).await?;
+            Ok(io)
+        })
+    }
+}
+
+/// The egress proxy failed us, so the upstream was never reached (and no request was sent).
+#[derive(Debug, thiserror::Error)]
+pub enum EgressError {
+    #[error("cannot connect to the egress proxy {proxy}")]
+    Unreachable {
+        proxy: Authority,
+        #[source]
+        source: BoxError,
+    },
+    #[error("the egress proxy {proxy} refused the tunnel to {target}: {status}")]
+    Refused {
+        proxy: Authority,
+        target: String,
+        status: StatusCode,
+    },
+    #[error("the egress proxy {proxy} wants credentials (407), and its URL has no user:password")]
+    AuthenticationRequired { proxy: Authority },
+    #[error("the egress proxy {proxy} rejected the user:password in its URL (407)")]
+    AuthenticationRejected { proxy: Authority },
+    #[error("the egress proxy {proxy} answered CONNECT with {problem}")]
+    Malformed {
+        proxy: Authority,
+        problem: &'static str,
+    },
+}
+
+/// A proxy's answer to `CONNECT` is a status line and a few headers; beyond this it is not one.
+const MAX_ANSWER_HEAD: usize = 8 * 1024;
+
+impl EgressProxy {
+    /// Asks the proxy for a tunnel to `target` and reads its answer, which ends with its head:
+    /// after a 2xx the connection is the tunnel (RFC 9110 §9.3.6).
+    async fn open(&self, stream: &mut TcpStream, target: &str) -> Result<(), EgressError> {
+        let mut request = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n").into_bytes();
+        if let Some(authorization) = &self.authorization {
+            request.extend_from_slice(b"Proxy-Authorization: ");
+            request.extend_from_slice(authorization.as_bytes());
+            request.extend_from_slice(b"\r\n");
+        }
+        request.extend_from_slice(b"\r\n");
+        stream
+            .write_all(&request)
+            .await
+            .map_err(|e| self.unreachable(e.into()))?;
+
+        let mut answer = vec![0; MAX_ANSWER_HEAD];
+        let mut len = 0;
+        let head_end = loop {
+            let read = stream
+                .read(&mut answer[len..])
+                .await
+                .map_err(|e| self.unreachable(e.into()))?;
+            if read == 0 {
+                return Err(self.malformed("nothing: it closed the connection"));
+            }
+            len += read;
+            if let Some(end) = answer[..len].windows(4).position(|w| w == b"\r\n\r\n") {
+                break end + 4;
+            }
+            if len == answer.len() {
+                return Err(self.malformed("a response head over 8 KiB"));
+            }
+        };
+        let status = status_code(&answer[..head_end])
+            .ok_or_else(|| self.malformed("something other than an HTTP/1 response"))?;
+        let proxy = self.authority.clone();
+        match status {
+            // The upstream speaks only after our TLS ClientHello (or HTTP request), so bytes
+            // already here came from the proxy, not through the tunnel.
+            _ if status.is_success() && len > head_end => {
+                Err(self.malformed("data ahead of the tunnel"))
+            }
+            _ if status.is_success() => Ok(()),
+            StatusCode::PROXY_AUTHENTICATION_REQUIRED if self.authorization.is_some() => {
+                Err(EgressError::AuthenticationRejected { proxy })
+            }
+            StatusCode::PROXY_AUTHENTICATION_REQUIRED => {
+                Err(EgressError::AuthenticationRequired { proxy })
+            }
+            _ => Err(EgressError::Refused {
+                proxy,
+                target: target.to_owned(),
+                status,
+            }),
+        }
+    }
+
+    fn unreachable(&self, source: BoxError) -> EgressError {
+        EgressError::Unreachable {
+            proxy: self.authority.clone(),
+            source,
+        }
+    }
+
+    fn malformed(&self, problem: &'static str) -> EgressError {
+        EgressError::Malformed {
+            proxy: self.authority.clone(),
+            problem,
+        }
+    }
+}
+
+/// The authority-form target of `CONNECT`: host and port, the port always present (RFC 9110
+/// §9.3.6), an IPv6 address in brackets.
+fn connect_target(dst: &Uri) -> String {
+    let host = dst.host().unwrap_or_default();
+    let default_port = if dst.scheme() == Some(&Scheme::HTTP) {
+        80
+    } else {
+        443
+    };
+    format!("{host}:{}", dst.port_u16().unwrap_or(default_port))
+}
+
+/// The status code of the HTTP/1.0 or HTTP/1.1 status line that starts `head`.
+fn status_code(head: &[u8]) -> Option<StatusCode> {
+    let rest = head
+        .strip_prefix(b"HTTP/1.1 ")
+        .or_else(|| head.strip_prefix(b"HTTP/1.0 "))?;
+    match rest.get(3) {
+        Some(b' ' | b'\r') => StatusCode::from_bytes(&rest[..3]).ok(),
+        _ => None,
+    }
+}
+
+/// `Basic base64(user:password)` from a URL's userinfo, each part percent-decoded first (RFC
+/// 3986 §3.2.1): `p%40ss` is the password `p@ss`.
+fn basic_authorization(userinfo: &str) -> HeaderValue {
+    let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
+    let mut credentials = percent_decode(user);
+    credentials.push(b':');
+    credentials.extend(percent_decode(password));
+    let encoded = base64::engine::general_purpose::STANDARD.encode(credentials);
+    let mut value =
+        HeaderValue::try_from(format!("Basic {encoded}")).expect("base64 is a valid header value");
+    value.set_sensitive(true);
+    value
+}
+
+/// `%XX` escapes decoded to bytes; anything else, including a malformed escape, kept as is.
+fn percent_decode(text: &str) -> Vec<u8> {
+    let bytes = text.as_bytes();
+    let hex = |at: usize| bytes.get(at).and_then(|&b| (b as char).to_digit(16));
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut at = 0;
+    while at < bytes.len() {
+        match (bytes[at], hex(at + 1), hex(at + 2)) {
+            (b'%', Some(high), Some(low)) => {
+                out.push((high * 16 + low) as u8);
+                at += 3;
+            }
+            (byte, _, _) => {
+                out.push(byte);
+                at += 1;
+            }
+        }
+    }
+    out
+}
+
+/// The failed lookup of the upstream's (or the egress proxy's) host name; its own type so that
+/// errors can be sorted.
 #[derive(Debug, thiserror::Error)]
 #[error("{host}: {source}")]
 pub struct DnsError {
@@ -157,5 +405,65 @@ impl tower::Service<Name> for Resolver {
                 }),
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connect_target_always_has_a_port() {
+        let target = |uri: &str| connect_target(&uri.parse().unwrap());
+        assert_eq!(target("https://api.cm.com/v1/x"), "api.cm.com:443");
+        assert_eq!(target("http://localhost/x"), "localhost:80");
+        assert_eq!(target("https://127.0.0.1:8443/x"), "127.0.0.1:8443");
+        assert_eq!(target("https://[::1]:8443/x"), "[::1]:8443");
+    }
+
+    #[test]
+    fn status_lines() {
+        let ok = Some(StatusCode::OK);
+        assert_eq!(status_code(b"HTTP/1.1 200 Connection established\r\n"), ok);
+        assert_eq!(status_code(b"HTTP/1.0 200\r\n"), ok);
+        assert_eq!(
+            status_code(b"HTTP/1.1 407 Proxy Authentication Required\r\n"),
+            Some(StatusCode::PROXY_AUTHENTICATION_REQUIRED)
+        );
+        for bad in [
+            &b"HTTP/2 200 OK\r\n"[..],
+            b"HTTP/1.1 2000 OK\r\n",
+            b"HTTP/1.1 20\r\n",
+            b"SSH-2.0-OpenSSH\r\n",
+        ] {
+            assert_eq!(status_code(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn userinfo_is_percent_decoded_into_basic_credentials() {
+        let decoded = |value: HeaderValue| {
+            assert!(value.is_sensitive());
+            let encoded = value.to_str().unwrap().strip_prefix("Basic ").unwrap();
+            let bytes = base64::engine::general_purpose::STANDARD.decode(encoded);
+            String::from_utf8(bytes.unwrap()).unwrap()
+        };
+        // RFC 7617's example.
+        assert_eq!(
+            basic_authorization("Aladdin:open%20sesame"),
+            "Basic QWxhZGRpbjpvcGVuIHNlc2FtZQ=="
+        );
+        assert_eq!(decoded(basic_authorization("u%40x:p%3Aw%2")), "u@x:p:w%2");
+        assert_eq!(decoded(basic_authorization("user")), "user:");
+    }
+
+    #[test]
+    fn the_proxy_is_dialled_without_its_userinfo() {
+        let proxy = "http://user:p%40ss@proxy.internal:3128".parse().unwrap();
+        let egress = Egress::new(HttpConnector::new_with_resolver(Resolver), Some(&proxy));
+        let proxy = egress.proxy.unwrap();
+        assert_eq!(proxy.uri, "http://proxy.internal:3128/");
+        assert_eq!(proxy.authority, "proxy.internal:3128");
+        assert!(proxy.authorization.is_some());
     }
 }

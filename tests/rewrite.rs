@@ -46,6 +46,7 @@ async fn request_headers_are_cleaned_and_the_rest_passes_in_order() {
     let request = b"POST /sim-swap HTTP/1.1\r\n\
         Host: evil.example\r\n\
         X-First: 1\r\n\
+        X-Request-Id: r-1\r\n\
         Authorization: Bearer client-token\r\n\
         Authorization: Basic Zm9vOmJhcg==\r\n\
         Proxy-Authorization: Basic Zm9vOmJhcg==\r\n\
@@ -78,6 +79,7 @@ async fn request_headers_are_cleaned_and_the_rest_passes_in_order() {
         [
             ("host", stack.upstream.addr().to_string().as_str()),
             ("x-first", "1"),
+            ("x-request-id", "r-1"),
             ("x-dup", "one"),
             ("x-dup", "two"),
             ("content-type", "application/json"),

@@ -75,7 +75,7 @@ pub struct TokenCache {
 impl TokenCache {
     /// Mints the first token at once: a cache is never empty.
     pub fn new(signer: Signer, settings: TokenSettings, clock: Arc<dyn Clock>) -> Self {
-        let first = mint(&signer, &settings, clock.now());
+        let first = mint(&signer, &settings, claims_at(&settings, clock.now()));
         Self {
             settings,
             clock,
@@ -112,7 +112,11 @@ impl TokenCache {
         }
         self.inline_mints.fetch_add(1, Ordering::Relaxed);
         tracing::warn!("token refresh was late; minted one on the request path");
-        self.store(mint(&signer, &self.settings, now))
+        self.store(mint(
+            &signer,
+            &self.settings,
+            claims_at(&self.settings, now),
+        ))
     }
 
     /// The upstream refused `rejected` (a 401): unless a newer token is cached already, mint
@@ -124,7 +128,17 @@ impl TokenCache {
             return current.authorization.clone();
         }
         self.reauth_mints.fetch_add(1, Ordering::Relaxed);
-        self.store(mint(&signer, &self.settings, self.clock.now()))
+        // Minted in the same second, the new token would be the refused one, byte for byte:
+        // shift it a second into the past, which keeps `nbf` behind the clock.
+        let mut claims = claims_at(&self.settings, self.clock.now());
+        if claims == current.claims {
+            claims = Claims {
+                iat: claims.iat - 1,
+                nbf: claims.nbf - 1,
+                exp: claims.exp - 1,
+            };
+        }
+        self.store(mint(&signer, &self.settings, claims))
     }
 
     /// New credentials: every token from now on is signed with them, starting with one minted
@@ -133,7 +147,11 @@ impl TokenCache {
         let mut signer = self.lock_signer();
         *signer = new;
         self.rotation_mints.fetch_add(1, Ordering::Relaxed);
-        self.store(mint(&signer, &self.settings, self.clock.now()));
+        self.store(mint(
+            &signer,
+            &self.settings,
+            claims_at(&self.settings, self.clock.now()),
+        ));
     }
 
     fn lock_signer(&self) -> std::sync::MutexGuard<'_, Signer> {
@@ -165,7 +183,11 @@ impl TokenCache {
         if !self.refresh_due_in().is_zero() {
             return false;
         }
-        self.store(mint(&signer, &self.settings, self.clock.now()));
+        self.store(mint(
+            &signer,
+            &self.settings,
+            claims_at(&self.settings, self.clock.now()),
+        ));
         self.background_mints.fetch_add(1, Ordering::Relaxed);
         tracing::debug!("token refreshed");
         true
@@ -227,8 +249,7 @@ pub fn claims_at(settings: &TokenSettings, now: Duration) -> Claims {
     }
 }
 
-fn mint(signer: &Signer, settings: &TokenSettings, now: Duration) -> Minted {
-    let claims = claims_at(settings, now);
+fn mint(signer: &Signer, settings: &TokenSettings, claims: Claims) -> Minted {
     let mut authorization = HeaderValue::try_from(format!("Bearer {}", signer.sign(claims)))
         .expect("base64url and dots are valid header bytes");
     authorization.set_sensitive(true);
@@ -473,6 +494,18 @@ mod tests {
         // Concurrent requests that were refused the same old token share the new one.
         assert_eq!(cache.reject(&rejected), retry);
         assert_eq!(cache.mint_counts().reauth, 1);
+    }
+
+    #[test]
+    fn a_token_rejected_within_its_first_second_is_still_replaced_by_another() {
+        let clock = ManualClock::at(T0);
+        let cache = cache(clock.clone());
+        let rejected = cache.authorization();
+        let retry = cache.reject(&rejected);
+        assert_ne!(retry, rejected);
+        let (old, new) = (claims_of(&rejected), claims_of(&retry));
+        assert_eq!(new.iat, old.iat - 1);
+        assert!(Duration::from_secs(new.nbf) <= clock.now());
     }
 
     #[test]

@@ -16,8 +16,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use idmatch_mock::{MockApi, RunningServer, Server as Upstream, TestPki};
 use idmatch_proxy::config::{Config, Loaded};
-use idmatch_proxy::token::TokenCache;
-use idmatch_proxy::Server;
+use idmatch_proxy::token::{Clock, SystemClock, TokenCache};
+use idmatch_proxy::{Listeners, Server};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
@@ -39,6 +39,8 @@ impl ProxyConfig {
         pki.write_ca(&ca).unwrap();
         let env = [
             ("IDMATCH_LISTEN", "127.0.0.1:0"),
+            ("IDMATCH_ADMIN_LISTEN", "127.0.0.1:0"),
+            ("IDMATCH_DRAIN_DELAY", "0s"),
             ("IDMATCH_UPSTREAM_URL", upstream_url),
             ("IDMATCH_UPSTREAM_CA_FILE", ca.to_str().unwrap()),
             ("IDMATCH_KEY_ID", KEY_ID),
@@ -67,6 +69,7 @@ impl ProxyConfig {
 /// The proxy, serving in-process until dropped.
 pub struct Proxy {
     pub addr: SocketAddr,
+    pub admin: SocketAddr,
     pub tokens: Arc<TokenCache>,
     shutdown: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
@@ -74,17 +77,27 @@ pub struct Proxy {
 
 impl Proxy {
     pub async fn start(config: &ProxyConfig) -> Self {
+        Self::start_with_clock(config, Arc::new(SystemClock)).await
+    }
+
+    /// The proxy with `clock` for its tokens.
+    pub async fn start_with_clock(config: &ProxyConfig, clock: Arc<dyn Clock>) -> Self {
         let loaded = config.load();
-        let server = Server::new(&loaded.config).expect("server builds");
+        let server = Server::with_clock(&loaded.config, clock).expect("server builds");
         let tokens = server.tokens().clone();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
+        let listeners = Listeners {
+            proxy: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            admin: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        };
+        let addr = listeners.proxy.local_addr().unwrap();
+        let admin = listeners.admin.local_addr().unwrap();
         let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(server.serve(listener, async {
+        let task = tokio::spawn(server.serve(listeners, async {
             let _ = rx.await;
         }));
         Self {
             addr,
+            admin,
             tokens,
             shutdown: Some(tx),
             task,
@@ -208,7 +221,10 @@ pub async fn raw(addr: SocketAddr, request: &[u8]) -> String {
 pub struct Binary {
     child: std::process::Child,
     pub addr: SocketAddr,
+    pub admin: SocketAddr,
     logs: Arc<std::sync::Mutex<Vec<String>>>,
+    /// Collects stderr after the "ready" line; ends when the process closes it.
+    reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Binary {
@@ -220,8 +236,21 @@ impl Binary {
 
     /// Starts it and waits for its "ready" log line, which names the bound address.
     pub fn serve(env: &HashMap<String, String>) -> Self {
+        Self::serve_via(Self::command(), env)
+    }
+
+    /// Like [`Binary::serve`], with the binary pinned to `cpus` by `taskset`.
+    pub fn serve_pinned(env: &HashMap<String, String>, cpus: &str) -> Self {
+        let mut taskset = std::process::Command::new("taskset");
+        taskset
+            .args(["-c", cpus, env!("CARGO_BIN_EXE_idmatch-proxy")])
+            .env_clear();
+        Self::serve_via(taskset, env)
+    }
+
+    fn serve_via(mut command: std::process::Command, env: &HashMap<String, String>) -> Self {
         use std::io::BufRead;
-        let mut child = Self::command()
+        let mut child = command
             .envs(env)
             .env("IDMATCH_LOG_FORMAT", "json")
             .stdin(std::process::Stdio::null())
@@ -231,7 +260,7 @@ impl Binary {
             .unwrap();
         let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
         let logs = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let addr = loop {
+        let (addr, admin) = loop {
             let line = lines
                 .next()
                 .expect("the proxy exited before it was ready")
@@ -239,16 +268,27 @@ impl Binary {
             logs.lock().unwrap().push(line.clone());
             let event: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
             if event["message"] == "idmatch-proxy ready" {
-                break event["listen"].as_str().unwrap().parse().unwrap();
+                let addr = |field: &str| event[field].as_str().unwrap().parse().unwrap();
+                break (addr("listen"), addr("admin"));
             }
         };
         let collected = logs.clone();
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             for line in lines.map_while(Result::ok) {
                 collected.lock().unwrap().push(line);
             }
         });
-        Self { child, addr, logs }
+        Self {
+            child,
+            addr,
+            admin,
+            logs,
+            reader: Some(reader),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
     }
 
     pub fn pid(&self) -> u32 {
@@ -278,8 +318,22 @@ impl Binary {
         }
     }
 
+    /// The log lines collected so far; see [`Binary::finish`] for all of them.
     pub fn logs(&self) -> Vec<String> {
         self.logs.lock().unwrap().clone()
+    }
+
+    /// Waits for the process to exit, for at most `limit`, then for its last log lines: unlike
+    /// [`Binary::logs`] right after [`Binary::wait`], nothing written before exit is missed.
+    pub fn finish(
+        &mut self,
+        limit: std::time::Duration,
+    ) -> (std::process::ExitStatus, Vec<String>) {
+        let status = self.wait(limit);
+        if let Some(reader) = self.reader.take() {
+            reader.join().expect("the log reader does not panic");
+        }
+        (status, self.logs())
     }
 }
 

@@ -1,0 +1,434 @@
+//! Credential rotation without a restart.
+//!
+//! Kubernetes mounts a Secret as a directory of symlinks (`secret -> ..data/secret`,
+//! `..data -> ..2024_01_01_00_00_00.123/`) and updates it by renaming a new `..data` over the old
+//! one. The files named in the settings never change in place, so a watch on them never fires;
+//! instead [`Reloader`] reads them again every `credentials.reload_interval` and compares their
+//! contents with the credentials in use. Contents decide, not metadata: a rewrite of the same
+//! size within the same second is still a change.
+//!
+//! A change is applied at once: the next token is minted with the new credentials. A file that
+//! cannot be used (missing, empty, not UTF-8, too large) keeps the credentials in use; the
+//! problem is logged and counted once, not at every check.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::{read_credential, Credentials, Secret};
+use crate::metrics::{Metrics, OutcomeLabels};
+use crate::token::{Signer, TokenCache};
+
+/// Reads per check while the key id keeps changing as the secret is read. One rename replaces
+/// both files, so the second read agrees.
+const CONSISTENT_READ_ATTEMPTS: usize = 3;
+
+/// Re-reads the credential files and hands changed credentials to the token cache.
+pub struct Reloader {
+    key_id_file: Option<PathBuf>,
+    secret_file: Option<PathBuf>,
+    interval: Duration,
+    /// What the token cache signs with now.
+    key_id: String,
+    secret: Secret,
+    /// The last problem reported, so that a file that stays broken is reported once.
+    failure: Option<String>,
+    tokens: Arc<TokenCache>,
+    metrics: Arc<Metrics>,
+}
+
+/// What one [`Reloader::check`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Check {
+    /// Nothing to apply.
+    Unchanged,
+    /// New credentials are in use.
+    Reloaded,
+    /// A file could not be used; the credentials in use are kept.
+    Failed,
+}
+
+impl Reloader {
+    /// `tokens` must be signing with `credentials` as loaded. `None` when neither the key id nor
+    /// the secret came from a file: then nothing can change.
+    pub fn new(
+        credentials: &Credentials,
+        tokens: Arc<TokenCache>,
+        metrics: Arc<Metrics>,
+    ) -> Option<Self> {
+        if credentials.key_id_file.is_none() && credentials.secret_file.is_none() {
+            return None;
+        }
+        Some(Self {
+            key_id_file: credentials.key_id_file.clone(),
+            secret_file: credentials.secret_file.clone(),
+            interval: credentials.reload_interval,
+            key_id: credentials.key_id.clone(),
+            secret: credentials.secret.clone(),
+            failure: None,
+            tokens,
+            metrics,
+        })
+    }
+
+    /// Checks every `reload_interval`, forever: spawn it next to the server.
+    pub async fn run(mut self) {
+        loop {
+            tokio::time::sleep(self.interval).await;
+            // Blocking reads, but of at most 64 KiB from a tmpfs: cheaper than a trip to the
+            // blocking pool.
+            self.check();
+        }
+    }
+
+    /// Reads the files once and applies what changed.
+    pub fn check(&mut self) -> Check {
+        let (key_id, secret) = match self.read() {
+            Ok(Some(read)) => read,
+            Ok(None) => {
+                tracing::debug!("credential files changed while being read; next check retries");
+                return Check::Unchanged;
+            }
+            Err(problem) => return self.fail(problem),
+        };
+        let recovered = self.failure.take().is_some();
+        let key_id_changed = key_id != self.key_id;
+        let secret_changed = secret.expose() != self.secret.expose();
+        if !key_id_changed && !secret_changed {
+            if recovered {
+                tracing::info!("credential files are usable again; the credentials are unchanged");
+            }
+            return Check::Unchanged;
+        }
+
+        self.tokens
+            .replace_signer(Signer::new(&key_id, secret.expose()));
+        self.count("success");
+        // The key id is public (it is in every token's header); the secret is never logged.
+        tracing::info!(
+            %key_id,
+            key_id_changed,
+            secret_changed,
+            "credentials reloaded; tokens are now signed with them"
+        );
+        self.key_id = key_id;
+        self.secret = secret;
+        Check::Reloaded
+    }
+
+    /// Both credentials as the files hold them now, or `None` if they kept changing while read.
+    fn read(&self) -> Result<Option<(String, Secret)>, String> {
+        for _ in 0..CONSISTENT_READ_ATTEMPTS {
+            let key_id = self.read_key_id()?;
+            let secret = self.read_secret()?;
+            // Files from one Secret change together. Had the key id changed while the secret was
+            // read, the pair could mix two versions: a key id with the other version's secret.
+            let paired = self.key_id_file.is_some() && self.secret_file.is_some();
+            if !paired || self.read_key_id()? == key_id {
+                return Ok(Some((key_id, secret)));
+            }
+        }
+        Ok(None)
+    }
+
+    fn read_key_id(&self) -> Result<String, String> {
+        match &self.key_id_file {
+            Some(file) => read_credential(file)
+                .map(|bytes| String::from_utf8(bytes).expect("read_credential checks UTF-8")),
+            None => Ok(self.key_id.clone()),
+        }
+    }
+
+    fn read_secret(&self) -> Result<Secret, String> {
+        match &self.secret_file {
+            Some(file) => read_credential(file).map(Secret::new),
+            None => Ok(self.secret.clone()),
+        }
+    }
+
+    fn fail(&mut self, problem: String) -> Check {
+        if self.failure.as_ref() != Some(&problem) {
+            // `problem` names the file and what is wrong with it, never its contents.
+            tracing::error!(
+                error = %problem,
+                "credential reload failed; keeping the credentials in use"
+            );
+            self.count("failure");
+            self.failure = Some(problem);
+        }
+        Check::Failed
+    }
+
+    fn count(&self, outcome: &'static str) {
+        self.metrics
+            .credential_reloads
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+
+    use jsonwebtoken::{decode, decode_header, Algorithm, DecodingKey, Validation};
+
+    use crate::config::TokenSettings;
+    use crate::token::SystemClock;
+
+    const KID_1: &str = "kid-one";
+    const KID_2: &str = "kid-two";
+    // The same length: a rewrite that no size check would notice.
+    const SECRET_1: &str = "first-secret-AC4Etykn7jusGR5FwLDA";
+    const SECRET_2: &str = "other-secret-tILtQbiQbTMKedP31szX";
+
+    struct Fixture {
+        dir: tempfile::TempDir,
+        tokens: Arc<TokenCache>,
+        metrics: Arc<Metrics>,
+        reloader: Reloader,
+    }
+
+    impl Fixture {
+        /// Credentials loaded from `key-id` (when `key_id_file`) and `secret` (when
+        /// `secret_file`) files holding KID_1 and SECRET_1; the others as if given inline.
+        fn new(key_id_file: bool, secret_file: bool) -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let file = |name: &str, contents: &str, wanted: bool| {
+                wanted.then(|| {
+                    let path = dir.path().join(name);
+                    fs::write(&path, format!("{contents}\n")).unwrap();
+                    path
+                })
+            };
+            let credentials = Credentials {
+                key_id: KID_1.into(),
+                secret: Secret::new(SECRET_1.as_bytes()),
+                key_id_file: file("key-id", KID_1, key_id_file),
+                secret_file: file("secret", SECRET_1, secret_file),
+                reload_interval: Duration::from_secs(1),
+            };
+            let tokens = Arc::new(TokenCache::new(
+                Signer::new(KID_1, SECRET_1.as_bytes()),
+                TokenSettings::default(),
+                Arc::new(SystemClock),
+            ));
+            let metrics = Arc::new(Metrics::new());
+            let reloader = Reloader::new(&credentials, tokens.clone(), metrics.clone()).unwrap();
+            Self {
+                dir,
+                tokens,
+                metrics,
+                reloader,
+            }
+        }
+
+        fn path(&self, name: &str) -> std::path::PathBuf {
+            self.dir.path().join(name)
+        }
+
+        fn write(&self, name: &str, contents: impl AsRef<[u8]>) {
+            fs::write(self.path(name), contents).unwrap();
+        }
+
+        fn reloads(&self, outcome: &'static str) -> u64 {
+            self.metrics
+                .credential_reloads
+                .get_or_create(&OutcomeLabels { outcome })
+                .get()
+        }
+
+        fn rotations(&self) -> u64 {
+            self.tokens.mint_counts().rotation
+        }
+
+        /// Asserts that the cached token carries `kid` and is signed with `secret`.
+        fn assert_signed_with(&self, kid: &str, secret: &str) {
+            let authorization = self.tokens.authorization();
+            let token = authorization
+                .to_str()
+                .unwrap()
+                .strip_prefix("Bearer ")
+                .unwrap();
+            assert_eq!(decode_header(token).unwrap().kid.as_deref(), Some(kid));
+            let mut validation = Validation::new(Algorithm::HS256);
+            validation.validate_exp = false;
+            validation.required_spec_claims.clear();
+            decode::<serde_json::Value>(
+                token,
+                &DecodingKey::from_secret(secret.as_bytes()),
+                &validation,
+            )
+            .unwrap_or_else(|e| panic!("not signed with the expected secret: {e}"));
+        }
+    }
+
+    #[test]
+    fn inline_credentials_need_no_reloader() {
+        let fixture = Fixture::new(false, true);
+        let credentials = Credentials {
+            key_id: KID_1.into(),
+            secret: Secret::new(SECRET_1.as_bytes()),
+            key_id_file: None,
+            secret_file: None,
+            reload_interval: Duration::from_secs(1),
+        };
+        assert!(Reloader::new(&credentials, fixture.tokens, fixture.metrics).is_none());
+    }
+
+    #[test]
+    fn unchanged_files_change_nothing() {
+        let mut fixture = Fixture::new(true, true);
+        let before = fixture.tokens.authorization();
+        for _ in 0..3 {
+            assert_eq!(fixture.reloader.check(), Check::Unchanged);
+        }
+        // Rewritten with the same contents (a new mtime, the same bytes).
+        fixture.write("secret", format!("{SECRET_1}\n"));
+        assert_eq!(fixture.reloader.check(), Check::Unchanged);
+        assert_eq!(fixture.tokens.authorization(), before);
+        assert_eq!(fixture.rotations(), 0);
+        assert_eq!(
+            (fixture.reloads("success"), fixture.reloads("failure")),
+            (0, 0)
+        );
+    }
+
+    #[test]
+    fn a_new_secret_signs_the_next_token() {
+        let mut fixture = Fixture::new(true, true);
+        fixture.write("secret", SECRET_2);
+        assert_eq!(fixture.reloader.check(), Check::Reloaded);
+        fixture.assert_signed_with(KID_1, SECRET_2);
+        assert_eq!(fixture.rotations(), 1);
+        assert_eq!(fixture.reloads("success"), 1);
+
+        assert_eq!(fixture.reloader.check(), Check::Unchanged);
+        assert_eq!(fixture.rotations(), 1);
+    }
+
+    #[test]
+    fn key_id_and_secret_changed_together_are_applied_together() {
+        let mut fixture = Fixture::new(true, true);
+        fixture.write("key-id", KID_2);
+        fixture.write("secret", SECRET_2);
+        assert_eq!(fixture.reloader.check(), Check::Reloaded);
+        fixture.assert_signed_with(KID_2, SECRET_2);
+        assert_eq!(fixture.rotations(), 1);
+        assert_eq!(fixture.reloads("success"), 1);
+    }
+
+    #[test]
+    fn a_key_id_file_alone_keeps_the_inline_secret() {
+        let mut fixture = Fixture::new(true, false);
+        fixture.write("key-id", KID_2);
+        assert_eq!(fixture.reloader.check(), Check::Reloaded);
+        fixture.assert_signed_with(KID_2, SECRET_1);
+    }
+
+    #[test]
+    fn an_unusable_file_keeps_the_credentials_and_is_counted_once() {
+        let mut fixture = Fixture::new(true, true);
+        let before = fixture.tokens.authorization();
+        let secret = fixture.path("secret");
+        let shown = secret.display();
+        let too_large = vec![b'x'; 64 * 1024 + 1];
+        // The new contents (`None`: removed), the problem, and the failures counted so far.
+        let cases = [
+            (Some(&b""[..]), format!("{shown} is empty"), 1),
+            // The same problem again: not counted again.
+            (Some(&b"\n"[..]), format!("{shown} is empty"), 1),
+            (
+                Some(&b"\xff\xfe"[..]),
+                format!("{shown} is not valid UTF-8"),
+                2,
+            ),
+            (
+                Some(&too_large[..]),
+                format!("{shown} is larger than 65536 bytes"),
+                3,
+            ),
+            (
+                None,
+                format!("cannot read {shown}: No such file or directory (os error 2)"),
+                4,
+            ),
+        ];
+        for (contents, problem, failures) in cases {
+            match contents {
+                Some(contents) => fixture.write("secret", contents),
+                None => fs::remove_file(&secret).unwrap(),
+            }
+            for _ in 0..3 {
+                assert_eq!(fixture.reloader.check(), Check::Failed, "{problem}");
+            }
+            assert_eq!(fixture.reloader.failure.as_ref(), Some(&problem));
+            assert_eq!(fixture.reloads("failure"), failures, "{problem}");
+        }
+        assert_eq!(fixture.tokens.authorization(), before);
+        fixture.assert_signed_with(KID_1, SECRET_1);
+        assert_eq!(fixture.rotations(), 0);
+        assert_eq!(fixture.reloads("success"), 0);
+    }
+
+    #[test]
+    fn a_repaired_file_is_used_and_a_new_failure_reported_again() {
+        let mut fixture = Fixture::new(true, true);
+        fixture.write("secret", "");
+        assert_eq!(fixture.reloader.check(), Check::Failed);
+
+        fixture.write("secret", SECRET_2);
+        assert_eq!(fixture.reloader.check(), Check::Reloaded);
+        fixture.assert_signed_with(KID_1, SECRET_2);
+        assert_eq!(fixture.reloads("success"), 1);
+
+        // The same problem as before, but a new occurrence.
+        fixture.write("secret", "");
+        assert_eq!(fixture.reloader.check(), Check::Failed);
+        assert_eq!(fixture.reloads("failure"), 2);
+
+        // Repaired with the contents in use: nothing to apply, but the next failure counts.
+        fixture.write("secret", SECRET_2);
+        assert_eq!(fixture.reloader.check(), Check::Unchanged);
+        fixture.write("secret", "");
+        assert_eq!(fixture.reloader.check(), Check::Failed);
+        assert_eq!(fixture.reloads("failure"), 3);
+        assert_eq!(fixture.rotations(), 1);
+    }
+
+    #[test]
+    fn a_broken_key_id_file_keeps_the_secret_too() {
+        let mut fixture = Fixture::new(true, true);
+        fixture.write("key-id", "");
+        fixture.write("secret", SECRET_2);
+        assert_eq!(fixture.reloader.check(), Check::Failed);
+        fixture.assert_signed_with(KID_1, SECRET_1);
+        assert_eq!(fixture.rotations(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn run_checks_every_interval() {
+        let Fixture {
+            dir,
+            tokens,
+            reloader,
+            ..
+        } = Fixture::new(true, true);
+        let interval = reloader.interval;
+        let tick = Duration::from_millis(1);
+        let task = tokio::spawn(reloader.run());
+        fs::write(dir.path().join("secret"), SECRET_2).unwrap();
+
+        // Paused time: each sleep lets the reloader's own timer fire first, if it is due.
+        tokio::time::sleep(interval - tick).await;
+        assert_eq!(tokens.mint_counts().rotation, 0);
+        tokio::time::sleep(tick * 2).await;
+        assert_eq!(tokens.mint_counts().rotation, 1);
+
+        fs::write(dir.path().join("key-id"), KID_2).unwrap();
+        tokio::time::sleep(interval).await;
+        assert_eq!(tokens.mint_counts().rotation, 2);
+        task.abort();
+    }
+}

@@ -1,0 +1,414 @@
+//! The listeners and the life of each connection: accept, serve, time out, drain, stop.
+//!
+//! Shutdown follows what Kubernetes needs (the endpoints of a terminating pod are removed
+//! asynchronously, so clients keep sending for a while):
+//! 1. the stop signal turns readiness to 503 at once, and HTTP/2 connections get GOAWAY;
+//! 2. for `drain_delay` the listener keeps accepting, and every HTTP/1 response says
+//!    `Connection: close`, so clients move to new connections without a failed request;
+//! 3. then the listener closes, every connection is shut down gracefully, and in-flight
+//!    requests get `shutdown_timeout` to finish before the rest are dropped.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::Version;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulConnection;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Notify};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use crate::admin;
+use crate::config::{ClientLimits, Config, Credentials};
+use crate::credentials::Reloader;
+use crate::metrics::Metrics;
+use crate::observe::Observer;
+use crate::proxy::Proxy;
+use crate::token::{Clock, Signer, SystemClock, TokenCache};
+use crate::upstream;
+
+/// After an `accept` error (typically out of file descriptors) wait this long before the next
+/// attempt, instead of spinning.
+const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
+
+/// The two sockets the caller bound: the proxy's and the admin endpoints'.
+pub struct Listeners {
+    pub proxy: TcpListener,
+    pub admin: TcpListener,
+}
+
+/// Where the process is in its life; connections watch it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Serving,
+    Draining,
+    Stopping,
+}
+
+/// A proxy ready to serve: TLS roots loaded, first token minted.
+pub struct Server {
+    proxy: Arc<Proxy>,
+    tokens: Arc<TokenCache>,
+    metrics: Arc<Metrics>,
+    draining: Arc<AtomicBool>,
+    credentials: Credentials,
+    limits: ClientLimits,
+    redact_query: bool,
+    drain_delay: Duration,
+    shutdown_timeout: Duration,
+}
+
+impl Server {
+    pub fn new(config: &Config) -> Result<Self, upstream::TlsSetupError> {
+        Self::with_clock(config, Arc::new(SystemClock))
+    }
+
+    pub fn with_clock(
+        config: &Config,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, upstream::TlsSetupError> {
+        let client = upstream::client(&config.upstream)?;
+        let signer = Signer::new(
+            &config.credentials.key_id,
+            config.credentials.secret.expose(),
+        );
+        let tokens = Arc::new(TokenCache::new(signer, config.token.clone(), clock));
+        let metrics = Arc::new(Metrics::new());
+        let proxy = Arc::new(Proxy::new(config, client, tokens.clone(), metrics.clone()));
+        Ok(Self {
+            proxy,
+            tokens,
+            metrics,
+            draining: Arc::new(AtomicBool::new(false)),
+            credentials: config.credentials.clone(),
+            limits: config.client.clone(),
+            redact_query: config.log.redact_query,
+            drain_delay: config.drain_delay,
+            shutdown_timeout: config.shutdown_timeout,
+        })
+    }
+
+    /// The shared token, for observing it (tests, metrics).
+    pub fn tokens(&self) -> &Arc<TokenCache> {
+        &self.tokens
+    }
+
+    /// Serves until `shutdown` resolves, then drains and stops (see the module doc).
+    pub async fn serve(self, listeners: Listeners, shutdown: impl Future<Output = ()>) {
+        let refresher = tokio::spawn(self.tokens.clone().run_refresher());
+        let reloader = Reloader::new(&self.credentials, self.tokens.clone(), self.metrics.clone())
+            .map(|reloader| tokio::spawn(reloader.run()));
+        let admin = tokio::spawn(admin::serve(
+            listeners.admin,
+            admin::State {
+                tokens: self.tokens.clone(),
+                metrics: self.metrics.clone(),
+                draining: self.draining.clone(),
+            },
+        ));
+        let observer = Arc::new(Observer::new(
+            self.metrics.clone(),
+            self.limits.max_in_flight,
+            self.redact_query,
+            self.draining.clone(),
+        ));
+        let http = self.http_builder();
+        let (phase, phase_changes) = watch::channel(Phase::Serving);
+        let mut connections = JoinSet::new();
+        let listener = listeners.proxy;
+        let drain = tokio::time::sleep(Duration::MAX);
+        tokio::pin!(shutdown, drain);
+        let mut draining = false;
+
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => {
+                    let (stream, peer) = match accepted {
+                        Ok(accepted) => accepted,
+                        Err(error) => {
+                            tracing::warn!(%error, "accept failed");
+                            tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
+                            continue;
+                        }
+                    };
+                    let Ok(local) = stream.local_addr() else { continue };
+                    let _ = stream.set_nodelay(true);
+                    let activity = Arc::new(Activity::new());
+                    let proxy = self.proxy.clone();
+                    let observer = observer.clone();
+                    let requests = activity.clone();
+                    let service = service_fn(move |request| {
+                        let (proxy, observer, activity) = (proxy.clone(), observer.clone(), requests.clone());
+                        async move {
+                            activity.request_started(request.version());
+                            let response = observer.handle(&proxy, request, local, activity.clone()).await;
+                            Ok::<_, Infallible>(response)
+                        }
+                    });
+                    let io = TokioIo::new(Tracked { inner: stream, activity: activity.clone() });
+                    let connection = http.serve_connection(io, service).into_owned();
+                    connections.spawn(drive(connection, activity, self.limits.clone(), phase_changes.clone(), peer));
+                }
+                () = &mut shutdown, if !draining => {
+                    draining = true;
+                    self.draining.store(true, Ordering::SeqCst);
+                    let _ = phase.send(Phase::Draining);
+                    drain.as_mut().reset(Instant::now() + self.drain_delay);
+                    tracing::info!(drain_delay = ?self.drain_delay, "draining: readiness is 503; still accepting");
+                }
+                () = &mut drain, if draining => break,
+                Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            }
+        }
+
+        drop(listener);
+        let _ = phase.send(Phase::Stopping);
+        tracing::info!(
+            connections = connections.len(),
+            "stopped accepting; waiting for in-flight requests"
+        );
+        let finished = async { while connections.join_next().await.is_some() {} };
+        if tokio::time::timeout(self.shutdown_timeout, finished)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                timeout = ?self.shutdown_timeout,
+                connections = connections.len(),
+                "connections still open at the shutdown timeout; closing them"
+            );
+            connections.shutdown().await;
+        }
+        refresher.abort();
+        admin.abort();
+        if let Some(reloader) = reloader {
+            reloader.abort();
+        }
+    }
+
+    fn http_builder(&self) -> auto::Builder<TokioExecutor> {
+        let mut http = auto::Builder::new(TokioExecutor::new());
+        http.http1()
+            .timer(TokioTimer::new())
+            // Our own header and idle timeouts (see `drive`) replace hyper's, whose clock also
+            // runs on idle keep-alive connections.
+            .header_read_timeout(None)
+            // The head must fit the read buffer; beyond it hyper answers 431.
+            .max_buf_size(self.limits.max_header_bytes);
+        http.http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(u32::try_from(self.limits.max_header_bytes).unwrap_or(u32::MAX));
+        http
+    }
+}
+
+/// Serves one connection to its end, enforcing the header and idle timeouts and following the
+/// shutdown phases.
+async fn drive<C>(
+    connection: C,
+    activity: Arc<Activity>,
+    limits: ClientLimits,
+    mut phase: watch::Receiver<Phase>,
+    peer: std::net::SocketAddr,
+) where
+    C: GracefulConnection,
+    C::Error: std::fmt::Display,
+{
+    tokio::pin!(connection);
+    let mut closing = false;
+    loop {
+        let deadline = activity.deadline(&limits);
+        tokio::select! {
+            result = connection.as_mut() => {
+                if let Err(error) = result {
+                    tracing::debug!(%peer, %error, "connection ended with an error");
+                }
+                return;
+            }
+            changed = phase.changed(), if !closing => {
+                let stop = match changed.map(|()| *phase.borrow_and_update()) {
+                    Ok(Phase::Serving) => false,
+                    // HTTP/1 connections learn it from `Connection: close` on their next
+                    // response instead: closing them now could race a request in flight.
+                    Ok(Phase::Draining) => activity.is_h2.load(Ordering::Relaxed),
+                    Ok(Phase::Stopping) | Err(_) => true,
+                };
+                if stop {
+                    connection.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+            }
+            () = sleep_until(deadline) => {
+                match activity.expired(&limits) {
+                    Some(Expired::Head) => {
+                        tracing::debug!(%peer, timeout = ?limits.header_timeout, "request head too slow; closing");
+                        return;
+                    }
+                    Some(Expired::Idle) if !closing => {
+                        connection.as_mut().graceful_shutdown();
+                        closing = true;
+                    }
+                    _ => {}
+                }
+            }
+            () = activity.changed.notified() => {}
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// What a connection is doing, as far as its timeouts are concerned. Times are milliseconds
+/// since `epoch`; a head start of 0 means no head is being received.
+pub struct Activity {
+    epoch: Instant,
+    in_flight: AtomicUsize,
+    idle_since: AtomicU64,
+    head_started: AtomicU64,
+    is_h2: AtomicBool,
+    /// Woken when the connection goes idle, so that `drive` arms the idle timer.
+    changed: Notify,
+}
+
+enum Expired {
+    Head,
+    Idle,
+}
+
+impl Activity {
+    fn new() -> Self {
+        // A new connection owes us a request head, on the header timeout's clock.
+        Self {
+            epoch: Instant::now(),
+            in_flight: AtomicUsize::new(0),
+            idle_since: AtomicU64::new(1),
+            head_started: AtomicU64::new(1),
+            is_h2: AtomicBool::new(false),
+            changed: Notify::new(),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        // Never 0, which means "unset".
+        self.epoch.elapsed().as_millis() as u64 + 1
+    }
+
+    fn at(&self, millis: u64) -> Instant {
+        self.epoch + Duration::from_millis(millis - 1)
+    }
+
+    fn request_started(&self, version: Version) {
+        if version == Version::HTTP_2 {
+            self.is_h2.store(true, Ordering::Relaxed);
+        }
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        self.head_started.store(0, Ordering::SeqCst);
+    }
+
+    /// Called when a response has been sent in full, or abandoned.
+    pub fn request_finished(&self) {
+        if self.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.idle_since.store(self.now(), Ordering::SeqCst);
+            self.changed.notify_one();
+        }
+    }
+
+    /// Bytes arrived: on an idle HTTP/1 connection they begin the next request head.
+    fn bytes_read(&self) {
+        if self.in_flight.load(Ordering::SeqCst) == 0
+            && self.head_started.load(Ordering::SeqCst) == 0
+            && !self.is_h2.load(Ordering::Relaxed)
+        {
+            self.head_started.store(self.now(), Ordering::SeqCst);
+        }
+    }
+
+    /// When the connection must next be looked at, if ever.
+    fn deadline(&self, limits: &ClientLimits) -> Option<Instant> {
+        if self.in_flight.load(Ordering::SeqCst) > 0 {
+            return None;
+        }
+        let head = self.head_started.load(Ordering::SeqCst);
+        let head = (head != 0).then(|| self.at(head) + limits.header_timeout);
+        let idle = self.at(self.idle_since.load(Ordering::SeqCst)) + limits.idle_timeout;
+        Some(head.map_or(idle, |head| head.min(idle)))
+    }
+
+    fn expired(&self, limits: &ClientLimits) -> Option<Expired> {
+        let now = Instant::now();
+        if self.in_flight.load(Ordering::SeqCst) > 0 {
+            return None;
+        }
+        let head = self.head_started.load(Ordering::SeqCst);
+        if head != 0 && self.at(head) + limits.header_timeout <= now {
+            return Some(Expired::Head);
+        }
+        let idle = self.at(self.idle_since.load(Ordering::SeqCst)) + limits.idle_timeout;
+        (idle <= now).then_some(Expired::Idle)
+    }
+}
+
+/// The client's socket, telling its [`Activity`] when bytes arrive.
+struct Tracked {
+    inner: TcpStream,
+    activity: Arc<Activity>,
+}
+
+impl tokio::io::AsyncRead for Tracked {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.bytes_read();
+        }
+        polled
+    }
+}
+
+impl tokio::io::AsyncWrite for Tracked {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}

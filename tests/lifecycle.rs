@@ -1,0 +1,240 @@
+//! The real binary's life: drain on SIGTERM under load, a second signal, the health check
+//! command, worker sizing, and what its logs say (and never say).
+
+mod support;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use http::{Request, StatusCode};
+use idmatch_mock::server::json;
+use idmatch_mock::{RunningServer, Server as Upstream, TestPki};
+use serde_json::json;
+use support::*;
+
+async fn upstream(pki: &TestPki, delay: Duration) -> RunningServer {
+    Upstream::builder()
+        .tls(pki)
+        .handler(move |_: Request<hyper::body::Incoming>| async move {
+            tokio::time::sleep(delay).await;
+            json(StatusCode::OK, json!({"ok": true}))
+        })
+        .start()
+        .await
+}
+
+fn env_for(
+    upstream: &RunningServer,
+    pki: &TestPki,
+    extra: &[(&str, &str)],
+) -> (ProxyConfig, HashMap<String, String>) {
+    let mut config = ProxyConfig::new(&upstream.url(BASE), pki);
+    for (key, value) in extra {
+        config = config.set(key, value);
+    }
+    let env = config.env.clone();
+    (config, env)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_steady_load_loses_no_request() {
+    let pki = TestPki::localhost();
+    let upstream = upstream(&pki, Duration::from_millis(20)).await;
+    let (_config, env) = env_for(
+        &upstream,
+        &pki,
+        &[
+            ("IDMATCH_DRAIN_DELAY", "1500ms"),
+            ("IDMATCH_SHUTDOWN_TIMEOUT", "5s"),
+        ],
+    );
+    let mut proxy = Binary::serve(&env);
+    let client = http1();
+    let url = proxy.url("/sim-swap");
+
+    // Open loop: one request every 10 ms whatever the answers, for 1.5 s; SIGTERM after 0.5 s,
+    // so the last second of traffic falls inside the drain delay.
+    let started = Instant::now();
+    let mut sent = Vec::new();
+    let mut signalled = false;
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    while started.elapsed() < Duration::from_millis(1500) {
+        tick.tick().await;
+        if !signalled && started.elapsed() >= Duration::from_millis(500) {
+            proxy.signal("TERM");
+            signalled = true;
+        }
+        let (client, request) = (client.clone(), post_json(&url, json!({})));
+        sent.push(tokio::spawn(async move {
+            client.request(request).await.map(|r| r.status())
+        }));
+    }
+    let total = sent.len();
+    let mut failed = Vec::new();
+    for task in sent {
+        match task.await.unwrap() {
+            Ok(StatusCode::OK) => {}
+            other => failed.push(format!("{other:?}")),
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "{} of {total} failed: {failed:?}",
+        failed.len()
+    );
+    assert!(total > 100, "{total}");
+
+    let stopping = Instant::now();
+    let status = proxy.wait(Duration::from_secs(10));
+    assert!(status.success(), "{status:?}");
+    assert!(
+        stopping.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        stopping.elapsed()
+    );
+    // New connections are refused after the drain.
+    assert!(tokio::net::TcpStream::connect(proxy.addr).await.is_err());
+}
+
+#[tokio::test]
+async fn a_second_signal_exits_at_once() {
+    let pki = TestPki::localhost();
+    let upstream = upstream(&pki, Duration::from_secs(60)).await;
+    let (_config, env) = env_for(&upstream, &pki, &[("IDMATCH_DRAIN_DELAY", "30s")]);
+    let mut proxy = Binary::serve(&env);
+    let client = http1();
+    let url = proxy.url("/stuck");
+    let _stuck = tokio::spawn(async move { client.request(get(&url)).await.map(|r| r.status()) });
+    while upstream.request_count() == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    proxy.signal("TERM");
+    // Until the first signal is logged, a second one would race the handler's installation.
+    while !proxy
+        .logs()
+        .iter()
+        .any(|l| l.contains("shutdown requested"))
+    {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let started = Instant::now();
+    proxy.signal("INT");
+    let status = proxy.wait(Duration::from_secs(5));
+    assert_eq!(status.code(), Some(130));
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn healthcheck_command_follows_readiness() {
+    let pki = TestPki::localhost();
+    let upstream = upstream(&pki, Duration::ZERO).await;
+    let (_config, env) = env_for(&upstream, &pki, &[]);
+    let proxy = Binary::serve(&env);
+    let healthcheck = |args: &[String], env: &HashMap<String, String>| {
+        Binary::command()
+            .arg("healthcheck")
+            .args(args)
+            .envs(env)
+            .output()
+            .unwrap()
+    };
+    let url = format!("http://{}/readyz", proxy.admin);
+    let ok = healthcheck(&["--url".into(), url], &HashMap::new());
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    // Without --url, the admin listener from the configuration is used; 0.0.0.0 means loopback.
+    let mut from_config = env.clone();
+    from_config.insert(
+        "IDMATCH_ADMIN_LISTEN".into(),
+        format!("0.0.0.0:{}", proxy.admin.port()),
+    );
+    assert!(healthcheck(&[], &from_config).status.success());
+
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let down = healthcheck(
+        &["--url".into(), format!("http://{closed}/readyz")],
+        &HashMap::new(),
+    );
+    assert_eq!(down.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&down.stderr);
+    assert!(
+        stderr.starts_with("idmatch-proxy: ") && stderr.lines().count() == 1,
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn workers_follow_the_cpus_we_may_use_unless_set() {
+    let pki = TestPki::localhost();
+    let upstream = upstream(&pki, Duration::ZERO).await;
+    let workers = |env: &HashMap<String, String>| {
+        let proxy = Binary::serve(env);
+        let ready = proxy
+            .logs()
+            .into_iter()
+            .find(|l| l.contains("idmatch-proxy ready"))
+            .unwrap();
+        serde_json::from_str::<serde_json::Value>(&ready).unwrap()["workers"]
+            .as_u64()
+            .unwrap()
+    };
+    let (_config, env) = env_for(&upstream, &pki, &[("IDMATCH_WORKER_THREADS", "3")]);
+    assert_eq!(workers(&env), 3);
+    // `taskset` limits the CPUs like a container's CPU quota would; `auto` follows either.
+    let (_config, env) = env_for(&upstream, &pki, &[]);
+    let proxy = Binary::serve_pinned(&env, "0");
+    let ready = proxy
+        .logs()
+        .into_iter()
+        .find(|l| l.contains("idmatch-proxy ready"))
+        .unwrap();
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&ready).unwrap()["workers"],
+        1
+    );
+}
+
+#[tokio::test]
+async fn one_access_log_line_per_request_with_the_query_redacted() {
+    let pki = TestPki::localhost();
+    let upstream = upstream(&pki, Duration::ZERO).await;
+    let (_config, env) = env_for(&upstream, &pki, &[]);
+    let mut proxy = Binary::serve(&env);
+    let client = http1();
+    let request = Request::post(proxy.url("/sim-swap?phoneNumber=%2B31610000001"))
+        .header("x-request-id", "trace-me-1")
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(b"{}")))
+        .unwrap();
+    let answer = send(&client, request).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    proxy.signal("TERM");
+    let (_, logs) = proxy.finish(Duration::from_secs(10));
+    let access: Vec<serde_json::Value> = logs
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|e| e["target"] == "idmatch_proxy::access")
+        .collect();
+    assert_eq!(access.len(), 1, "{logs:#?}");
+    let line = &access[0];
+    assert_eq!(line["method"], "POST");
+    assert_eq!(line["path"], "/sim-swap?<redacted>");
+    assert_eq!(line["status"], 200);
+    assert_eq!(line["bytes"], answer.body.len());
+    assert_eq!(line["request_id"], "trace-me-1");
+    assert_eq!(line["complete"], true);
+    assert!(line["duration_ms"].as_f64().unwrap() >= line["upstream_ms"].as_f64().unwrap());
+    assert!(
+        !logs.iter().any(|l| l.contains("31610000001")),
+        "a phone number reached the logs"
+    );
+}

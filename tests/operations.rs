@@ -1,0 +1,396 @@
+//! Running it: admin endpoints, metrics, request ids, access logs, limits, timeouts, drain.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use http::{Request, StatusCode};
+use idmatch_mock::server::json;
+use idmatch_mock::{RunningServer, Server as Upstream, TestPki};
+use serde_json::json;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// An upstream that answers 200 `{}` after `delay`.
+async fn upstream_with_delay(pki: &TestPki, delay: Duration) -> RunningServer {
+    Upstream::builder()
+        .tls(pki)
+        .handler(move |_: Request<hyper::body::Incoming>| async move {
+            tokio::time::sleep(delay).await;
+            json(StatusCode::OK, json!({}))
+        })
+        .start()
+        .await
+}
+
+async fn stack_with(
+    delay: Duration,
+    settings: &[(&str, &str)],
+) -> (RunningServer, Proxy, ProxyConfig) {
+    let pki = TestPki::localhost();
+    let upstream = upstream_with_delay(&pki, delay).await;
+    let mut config = ProxyConfig::new(&upstream.url(BASE), &pki);
+    for (key, value) in settings {
+        config = config.set(key, value);
+    }
+    let proxy = Proxy::start(&config).await;
+    (upstream, proxy, config)
+}
+
+fn admin_url(proxy: &Proxy, path: &str) -> String {
+    format!("http://{}{path}", proxy.admin)
+}
+
+#[tokio::test]
+async fn livez_and_readyz_answer_without_calling_the_upstream() {
+    let (upstream, proxy, _config) = stack_with(Duration::ZERO, &[]).await;
+    let client = http1();
+    let live = send(&client, get(&admin_url(&proxy, "/livez"))).await;
+    assert_eq!(live.status, StatusCode::OK);
+    let ready = send(&client, get(&admin_url(&proxy, "/readyz"))).await;
+    assert_eq!(ready.status, StatusCode::OK);
+    assert_eq!(ready.json()["status"], "ready");
+    assert_eq!(
+        send(&client, get(&admin_url(&proxy, "/nope"))).await.status,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(upstream.connections_accepted(), 0);
+    // The proxy port does not serve the admin endpoints: those paths go upstream like any other.
+    send(&client, get(&proxy.url("/readyz"))).await;
+    assert_eq!(upstream.requests()[0].target, format!("{BASE}/readyz"));
+}
+
+#[tokio::test]
+async fn metrics_count_requests_errors_and_tokens_without_paths_or_secrets() {
+    let (_upstream, proxy, _config) = stack_with(Duration::ZERO, &[]).await;
+    let client = http1();
+    for _ in 0..3 {
+        let answer = send(
+            &client,
+            post_json(
+                &proxy.url("/sim-swap?phoneNumber=%2B31610000001"),
+                json!({}),
+            ),
+        )
+        .await;
+        assert_eq!(answer.status, StatusCode::OK);
+    }
+    let refused = send(
+        &client,
+        Request::trace(proxy.url("/x"))
+            .body(Default::default())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(refused.status, StatusCode::METHOD_NOT_ALLOWED);
+
+    let metrics = send(&client, get(&admin_url(&proxy, "/metrics"))).await;
+    assert_eq!(metrics.status, StatusCode::OK);
+    let text = String::from_utf8(metrics.body.to_vec()).unwrap();
+    for expected in [
+        r#"idmatch_proxy_requests_total{method="POST",status_class="2xx"} 3"#,
+        r#"idmatch_proxy_requests_total{method="other",status_class="4xx"} 1"#,
+        r#"idmatch_proxy_proxy_errors_total{code="http_request_denied"} 1"#,
+        r#"idmatch_proxy_request_duration_seconds_count 4"#,
+        r#"idmatch_proxy_upstream_response_seconds_count 3"#,
+        r#"idmatch_proxy_requests_in_flight 0"#,
+        r#"idmatch_proxy_token_mints_total{trigger="background"} 1"#,
+        r#"idmatch_proxy_token_mints_total{trigger="inline"} 0"#,
+        r#"idmatch_proxy_build_info{version=""#,
+        "# TYPE idmatch_proxy_token_expiry_seconds gauge",
+    ] {
+        assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
+    }
+    let expiry: i64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("idmatch_proxy_token_expiry_seconds "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((45..=55).contains(&expiry), "{expiry}");
+    for secret in ["sim-swap", "31610000001", SECRET, "Bearer", "eyJ"] {
+        assert!(!text.contains(secret), "{secret:?} in metrics");
+    }
+}
+
+#[tokio::test]
+async fn connect_errors_are_counted_by_kind() {
+    let pki = TestPki::localhost();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let proxy = Proxy::start(&ProxyConfig::new(&format!("https://{closed}{BASE}"), &pki)).await;
+    let client = http1();
+    assert_eq!(
+        send(&client, get(&proxy.url("/x"))).await.status,
+        StatusCode::BAD_GATEWAY
+    );
+    let text = String::from_utf8(
+        send(&client, get(&admin_url(&proxy, "/metrics")))
+            .await
+            .body
+            .to_vec(),
+    )
+    .unwrap();
+    // A bodiless request is replayable, so the refused connect is tried once more.
+    let expected = [
+        r#"idmatch_proxy_upstream_connect_errors_total{code="connection_refused"} 2"#,
+        r#"idmatch_proxy_upstream_retries_total{reason="connect"} 1"#,
+    ];
+    for line in expected {
+        assert!(text.contains(line), "missing {line:?} in:\n{text}");
+    }
+    assert!(
+        text.contains(r#"idmatch_proxy_proxy_errors_total{code="connection_refused"} 1"#),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn request_id_is_kept_or_generated_and_travels_both_ways() {
+    let (upstream, proxy, _config) = stack_with(Duration::ZERO, &[]).await;
+    let client = http1();
+    let mine = Request::get(proxy.url("/a"))
+        .header("x-request-id", "client-chosen-1")
+        .header(
+            "traceparent",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        )
+        .header("tracestate", "congo=t61rcWkgMzE")
+        .body(Default::default())
+        .unwrap();
+    let answer = send(&client, mine).await;
+    assert_eq!(answer.headers["x-request-id"], "client-chosen-1");
+    let generated = send(&client, get(&proxy.url("/b"))).await;
+    let id = generated.headers["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(id.len(), 32);
+    let other = send(&client, get(&proxy.url("/c"))).await;
+    assert_ne!(other.headers["x-request-id"], id.as_str(), "ids are unique");
+
+    let seen = upstream.requests();
+    assert_eq!(seen[0].header("x-request-id").unwrap(), b"client-chosen-1");
+    assert_eq!(
+        seen[0].header("traceparent").unwrap(),
+        b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    );
+    assert_eq!(seen[0].header("tracestate").unwrap(), b"congo=t61rcWkgMzE");
+    assert_eq!(seen[1].header("x-request-id").unwrap(), id.as_bytes());
+}
+
+#[tokio::test]
+async fn beyond_max_in_flight_requests_get_an_immediate_503() {
+    let (upstream, proxy, _config) = stack_with(
+        Duration::from_millis(500),
+        &[("IDMATCH_CLIENT_MAX_IN_FLIGHT", "2")],
+    )
+    .await;
+    let client = http1();
+    let slow: Vec<_> = (0..2)
+        .map(|_| {
+            let (client, url) = (client.clone(), proxy.url("/slow"));
+            tokio::spawn(async move { send(&client, get(&url)).await.status })
+        })
+        .collect();
+    // Both slow requests are at the upstream before the third is sent.
+    while upstream.request_count() < 2 {
+        tokio::task::yield_now().await;
+    }
+    let started = Instant::now();
+    let third = send(&client, get(&proxy.url("/third"))).await;
+    assert!(
+        started.elapsed() < Duration::from_millis(400),
+        "not queued: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(third.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        third.headers["proxy-status"],
+        "idmatch-proxy; error=connection_limit_reached"
+    );
+    for task in slow {
+        assert_eq!(task.await.unwrap(), StatusCode::OK);
+    }
+    // The slots are free again.
+    assert_eq!(
+        send(&client, get(&proxy.url("/after"))).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(upstream.request_count(), 3);
+}
+
+#[tokio::test]
+async fn an_oversized_request_head_gets_431() {
+    let (upstream, proxy, _config) = stack_with(
+        Duration::ZERO,
+        &[("IDMATCH_CLIENT_MAX_HEADER_BYTES", "16KiB")],
+    )
+    .await;
+    let big = "a".repeat(20 * 1024);
+    let request =
+        format!("GET /x HTTP/1.1\r\nHost: x\r\nX-Big: {big}\r\nConnection: close\r\n\r\n");
+    let response = raw(proxy.addr, request.as_bytes()).await;
+    assert!(
+        response.starts_with("HTTP/1.1 431"),
+        "{}",
+        &response[..response.len().min(100)]
+    );
+    // Just under the limit passes.
+    let fits = format!(
+        "GET /x HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\nConnection: close\r\n\r\n",
+        "a".repeat(12 * 1024)
+    );
+    assert!(raw(proxy.addr, fits.as_bytes())
+        .await
+        .starts_with("HTTP/1.1 200"));
+    assert_eq!(upstream.request_count(), 1);
+}
+
+/// Reads from `stream` until the peer closes it; returns how long that took.
+async fn time_until_closed(stream: &mut TcpStream) -> Duration {
+    let started = Instant::now();
+    let mut buf = [0u8; 1024];
+    loop {
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => return started.elapsed(),
+            Ok(_) => {}
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_slow_request_head_is_cut_off_while_others_are_served() {
+    let (_upstream, proxy, _config) = stack_with(
+        Duration::ZERO,
+        &[
+            ("IDMATCH_CLIENT_HEADER_TIMEOUT", "300ms"),
+            ("IDMATCH_CLIENT_IDLE_TIMEOUT", "10s"),
+        ],
+    )
+    .await;
+    let mut slow = TcpStream::connect(proxy.addr).await.unwrap();
+    slow.write_all(b"GET /x HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let closer = tokio::spawn(async move { time_until_closed(&mut slow).await });
+    // Meanwhile a well-behaved client is served.
+    assert_eq!(
+        send(&http1(), get(&proxy.url("/ok"))).await.status,
+        StatusCode::OK
+    );
+    let closed_after = closer.await.unwrap();
+    assert!(
+        closed_after >= Duration::from_millis(250) && closed_after < Duration::from_secs(3),
+        "{closed_after:?}"
+    );
+}
+
+#[tokio::test]
+async fn idle_keep_alive_connections_outlive_the_header_timeout_until_the_idle_timeout() {
+    let (_upstream, proxy, _config) = stack_with(
+        Duration::ZERO,
+        &[
+            ("IDMATCH_CLIENT_HEADER_TIMEOUT", "200ms"),
+            ("IDMATCH_CLIENT_IDLE_TIMEOUT", "1s"),
+        ],
+    )
+    .await;
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let request = b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n";
+    for _ in 0..2 {
+        stream.write_all(request).await.unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = stream.read(&mut buf).await.unwrap();
+        assert!(
+            buf[..n].starts_with(b"HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&buf[..n])
+        );
+        // Idle longer than the header timeout: still open.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    let closed_after = time_until_closed(&mut stream).await;
+    // Idle since the second response: 400 ms already, closed at about 1 s.
+    assert!(closed_after < Duration::from_secs(3), "{closed_after:?}");
+    assert!(
+        closed_after >= Duration::from_millis(300),
+        "{closed_after:?}"
+    );
+}
+
+#[tokio::test]
+async fn draining_turns_readiness_off_keeps_serving_and_closes_http1_connections() {
+    let (_upstream, proxy, _config) =
+        stack_with(Duration::ZERO, &[("IDMATCH_DRAIN_DELAY", "2s")]).await;
+    let client = http1();
+    assert_eq!(
+        send(&client, get(&admin_url(&proxy, "/readyz")))
+            .await
+            .status,
+        StatusCode::OK
+    );
+    let admin = proxy.admin;
+    let url = proxy.url("/during-drain");
+    let stopped = tokio::spawn(proxy.stop());
+    // Readiness flips at once...
+    let deadline = Instant::now() + Duration::from_secs(1);
+    let ready = loop {
+        let answer = send(&client, get(&format!("http://{admin}/readyz"))).await;
+        if answer.status != StatusCode::OK || Instant::now() > deadline {
+            break answer;
+        }
+        tokio::task::yield_now().await;
+    };
+    assert_eq!(ready.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(ready.json()["reason"], "draining");
+    // ...while requests are still served, each telling HTTP/1 clients to reconnect.
+    let answer = send(&client, get(&url)).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(answer.headers["connection"], "close");
+    stopped.await.unwrap();
+}
+
+#[tokio::test]
+async fn shutdown_waits_for_in_flight_requests_within_the_timeout() {
+    let (_upstream, proxy, _config) = stack_with(
+        Duration::from_millis(300),
+        &[("IDMATCH_SHUTDOWN_TIMEOUT", "5s")],
+    )
+    .await;
+    let client = http1();
+    let url = proxy.url("/slow");
+    let in_flight = tokio::spawn(async move { send(&client, get(&url)).await.status });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let started = Instant::now();
+    proxy.stop().await;
+    assert!(
+        started.elapsed() >= Duration::from_millis(200),
+        "stopped before the request ended"
+    );
+    assert_eq!(in_flight.await.unwrap(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn shutdown_gives_up_on_requests_at_the_timeout() {
+    let (_upstream, proxy, _config) = stack_with(
+        Duration::from_secs(30),
+        &[("IDMATCH_SHUTDOWN_TIMEOUT", "300ms")],
+    )
+    .await;
+    let url = proxy.url("/stuck");
+    let client = http1();
+    let stuck = tokio::spawn(async move { client.request(get(&url)).await.map(|r| r.status()) });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let started = Instant::now();
+    proxy.stop().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(stuck.await.unwrap().is_err(), "the stuck request was cut");
+}

@@ -1,0 +1,490 @@
+//! Sending a request again: after a 401 (with a fresh token) and after a connection that failed
+//! before the request was written; and the request body limit (413).
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use idmatch_mock::server::{json, Body};
+use idmatch_mock::{RunningServer, Server as Upstream, TestPki};
+use idmatch_proxy::token::{Clock, SystemClock};
+use serde_json::json;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, Barrier};
+
+/// The system clock, plus whole seconds the upstream adds before each 401. Tokens minted within
+/// one second are identical (HS256 is deterministic and the claims are in seconds), so without
+/// time passing a re-minted token could not be told from the refused one.
+#[derive(Default)]
+struct SteppedClock(AtomicU64);
+
+impl SteppedClock {
+    fn step(&self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+impl Clock for SteppedClock {
+    fn now(&self) -> Duration {
+        SystemClock.now() + Duration::from_secs(self.0.load(Ordering::SeqCst))
+    }
+}
+
+/// What the upstream received: the `Authorization` value and the whole body, per request.
+#[derive(Clone, Default)]
+struct Seen(Arc<Mutex<Vec<(String, Bytes)>>>);
+
+impl Seen {
+    async fn record(&self, request: Request<Incoming>) -> String {
+        let authorization = request
+            .headers()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        let body = request.into_body().collect().await.unwrap().to_bytes();
+        self.0.lock().unwrap().push((authorization.clone(), body));
+        authorization
+    }
+
+    fn all(&self) -> Vec<(String, Bytes)> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+fn unauthorized() -> http::Response<Body> {
+    let mut response = json(
+        StatusCode::UNAUTHORIZED,
+        json!({"message": "token rejected"}),
+    );
+    response
+        .headers_mut()
+        .insert("x-from", "upstream".parse().unwrap());
+    response
+}
+
+/// An upstream that refuses the first token it sees (after `holding` requests carrying it have
+/// arrived, so that they all get the 401) and accepts any other.
+async fn refusing_first_token(
+    pki: &TestPki,
+    seen: &Seen,
+    clock: &Arc<SteppedClock>,
+    holding: usize,
+) -> RunningServer {
+    let (seen, clock) = (seen.clone(), clock.clone());
+    let first = Arc::new(OnceLock::<String>::new());
+    let barrier = Arc::new(Barrier::new(holding));
+    Upstream::builder()
+        .tls(pki)
+        .handler(move |request: Request<Incoming>| {
+            let (seen, clock) = (seen.clone(), clock.clone());
+            let (first, barrier) = (first.clone(), barrier.clone());
+            async move {
+                let authorization = seen.record(request).await;
+                if *first.get_or_init(|| authorization.clone()) == authorization {
+                    barrier.wait().await;
+                    clock.step();
+                    unauthorized()
+                } else {
+                    json(StatusCode::OK, json!({"ok": true}))
+                }
+            }
+        })
+        .start()
+        .await
+}
+
+async fn always_refusing(pki: &TestPki, seen: &Seen, clock: &Arc<SteppedClock>) -> RunningServer {
+    let (seen, clock) = (seen.clone(), clock.clone());
+    Upstream::builder()
+        .tls(pki)
+        .handler(move |request: Request<Incoming>| {
+            let (seen, clock) = (seen.clone(), clock.clone());
+            async move {
+                seen.record(request).await;
+                clock.step();
+                unauthorized()
+            }
+        })
+        .start()
+        .await
+}
+
+/// The value of one sample in the proxy's `/metrics` (served on `admin`), 0 if absent.
+async fn metric(admin: SocketAddr, sample: &str) -> f64 {
+    let url = format!("http://{admin}/metrics");
+    let text = send(&http1(), get(&url)).await.body;
+    let text = String::from_utf8(text.to_vec()).unwrap();
+    text.lines()
+        .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' '))
+        .map_or(0.0, |value| value.parse().unwrap())
+}
+
+const RETRIED_401: &str = r#"idmatch_proxy_upstream_retries_total{reason="unauthorized"}"#;
+const RETRIED_CONNECT: &str = r#"idmatch_proxy_upstream_retries_total{reason="connect"}"#;
+const NOT_REPLAYED: &str = "idmatch_proxy_unauthorized_not_replayed_total";
+
+#[tokio::test]
+async fn a_401_is_replayed_once_with_a_fresh_token() {
+    let pki = TestPki::localhost();
+    let (seen, clock) = (Seen::default(), Arc::default());
+    let upstream = refusing_first_token(&pki, &seen, &clock, 1).await;
+    let proxy = Proxy::start_with_clock(&ProxyConfig::new(&upstream.url(BASE), &pki), clock).await;
+    let body = json!({"phoneNumber": "+31610000001", "serviceType": "24h"});
+
+    let answer = send(&http1(), post_json(&proxy.url("/sim-swap"), body.clone())).await;
+
+    assert_eq!(answer.status, StatusCode::OK, "{:?}", answer.body);
+    let seen = seen.all();
+    assert_eq!(seen.len(), 2);
+    assert_ne!(seen[0].0, seen[1].0, "the replay carries another token");
+    assert_eq!(seen[1].0, proxy.tokens.authorization());
+    for (_, received) in &seen {
+        assert_eq!(received, body.to_string().as_bytes());
+    }
+    assert_eq!(proxy.tokens.mint_counts().reauth, 1);
+    assert_eq!(metric(proxy.admin, RETRIED_401).await, 1.0);
+}
+
+#[tokio::test]
+async fn concurrent_401s_for_one_token_mint_once() {
+    const REQUESTS: usize = 8;
+    let pki = TestPki::localhost();
+    let (seen, clock) = (Seen::default(), Arc::default());
+    let upstream = refusing_first_token(&pki, &seen, &clock, REQUESTS).await;
+    let proxy = Proxy::start_with_clock(&ProxyConfig::new(&upstream.url(BASE), &pki), clock).await;
+    let first = proxy.tokens.authorization();
+
+    let client = http1();
+    let requests: Vec<_> = (0..REQUESTS)
+        .map(|i| {
+            let request = post_json(&proxy.url("/sim-swap"), json!({ "n": i }));
+            let client = client.clone();
+            tokio::spawn(async move { send(&client, request).await.status })
+        })
+        .collect();
+    let statuses = tokio::time::timeout(Duration::from_secs(30), async {
+        let mut statuses = Vec::new();
+        for request in requests {
+            statuses.push(request.await.unwrap());
+        }
+        statuses
+    })
+    .await
+    .expect("every request is answered");
+
+    assert!(
+        statuses.iter().all(|s| *s == StatusCode::OK),
+        "{statuses:?}"
+    );
+    assert_eq!(proxy.tokens.mint_counts().reauth, 1);
+    let fresh = proxy.tokens.authorization();
+    assert_ne!(fresh, first);
+    let seen = seen.all();
+    assert_eq!(seen.len(), 2 * REQUESTS);
+    let with = |token: &http::HeaderValue| seen.iter().filter(|(a, _)| a == token).count();
+    assert_eq!(with(&first), REQUESTS);
+    assert_eq!(with(&fresh), REQUESTS);
+}
+
+#[tokio::test]
+async fn a_second_401_goes_to_the_client_as_is() {
+    let pki = TestPki::localhost();
+    let (seen, clock) = (Seen::default(), Arc::default());
+    let upstream = always_refusing(&pki, &seen, &clock).await;
+    let proxy = Proxy::start_with_clock(&ProxyConfig::new(&upstream.url(BASE), &pki), clock).await;
+
+    let answer = send(&http1(), post_json(&proxy.url("/sim-swap"), json!({}))).await;
+
+    assert_eq!(answer.status, StatusCode::UNAUTHORIZED);
+    assert!(answer.headers.get("proxy-status").is_none());
+    assert_eq!(answer.headers["x-from"], "upstream");
+    assert_eq!(answer.json(), json!({"message": "token rejected"}));
+    assert_eq!(upstream.request_count(), 2);
+    // Only the first 401 dropped a token: the second was for one minted just now.
+    assert_eq!(proxy.tokens.mint_counts().reauth, 1);
+    assert_eq!(metric(proxy.admin, RETRIED_401).await, 1.0);
+}
+
+#[tokio::test]
+async fn a_body_too_large_to_keep_is_not_replayed_but_the_token_is_dropped() {
+    let pki = TestPki::localhost();
+    let (seen, clock) = (Seen::default(), Arc::default());
+    let upstream = always_refusing(&pki, &seen, &clock).await;
+    let config = ProxyConfig::new(&upstream.url(BASE), &pki)
+        .set("IDMATCH_UPSTREAM_REPLAY_BUFFER_BYTES", "16");
+    let proxy = Proxy::start_with_clock(&config, clock).await;
+    let large = json!({"phoneNumber": "+31610000001", "serviceType": "24h"});
+    assert!(large.to_string().len() > 16);
+
+    let answer = send(&http1(), post_json(&proxy.url("/sim-swap"), large.clone())).await;
+
+    assert_eq!(answer.status, StatusCode::UNAUTHORIZED);
+    assert!(answer.headers.get("proxy-status").is_none());
+    assert_eq!(upstream.request_count(), 1);
+    assert_eq!(proxy.tokens.mint_counts().reauth, 1);
+    assert_eq!(metric(proxy.admin, NOT_REPLAYED).await, 1.0);
+    assert_eq!(metric(proxy.admin, RETRIED_401).await, 0.0);
+
+    // The next request leaves with the token minted after the 401.
+    let fresh = proxy.tokens.authorization();
+    send(&http1(), post_json(&proxy.url("/sim-swap"), large)).await;
+    let seen = seen.all();
+    assert_ne!(seen[1].0, seen[0].0);
+    assert_eq!(seen[1].0, fresh);
+}
+
+/// A TCP relay in front of the upstream that closes the first connection it accepts before a
+/// byte is exchanged (so the proxy's TLS handshake fails) and relays every later one.
+struct DropsFirstConnection {
+    addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl DropsFirstConnection {
+    async fn start(target: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = accepted.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if counter.fetch_add(1, Ordering::SeqCst) == 0 {
+                    drop(inbound);
+                    continue;
+                }
+                tokio::spawn(async move {
+                    let mut outbound = TcpStream::connect(target).await.unwrap();
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                });
+            }
+        });
+        Self {
+            addr,
+            accepted,
+            task,
+        }
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for DropsFirstConnection {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn ok_upstream(pki: &TestPki) -> RunningServer {
+    Upstream::builder()
+        .tls(pki)
+        .handler(|_: Request<Incoming>| async { json(StatusCode::OK, json!({"ok": true})) })
+        .start()
+        .await
+}
+
+#[tokio::test]
+async fn a_connection_lost_before_the_request_was_written_is_retried_once() {
+    let pki = TestPki::localhost();
+    let upstream = ok_upstream(&pki).await;
+    let relay = DropsFirstConnection::start(upstream.addr()).await;
+    let config = ProxyConfig::new(&format!("https://{}{BASE}", relay.addr), &pki);
+    let proxy = Proxy::start(&config).await;
+
+    let answer = send(&http1(), post_json(&proxy.url("/sim-swap"), json!({}))).await;
+
+    assert_eq!(answer.status, StatusCode::OK, "{:?}", answer.body);
+    assert_eq!(relay.accepted(), 2);
+    assert_eq!(upstream.request_count(), 1);
+    assert_eq!(metric(proxy.admin, RETRIED_CONNECT).await, 1.0);
+}
+
+#[tokio::test]
+async fn a_streamed_request_is_never_retried() {
+    let pki = TestPki::localhost();
+    let upstream = ok_upstream(&pki).await;
+    let relay = DropsFirstConnection::start(upstream.addr()).await;
+    let config = ProxyConfig::new(&format!("https://{}{BASE}", relay.addr), &pki);
+    let proxy = Proxy::start(&config).await;
+
+    // Chunked: its length is unknown until it ends, so it is streamed, not kept.
+    let response = raw(
+        proxy.addr,
+        b"POST /sim-swap HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n\
+          2\r\n{}\r\n0\r\n\r\n",
+    )
+    .await;
+
+    assert!(response.starts_with("HTTP/1.1 502"), "{response}");
+    assert!(
+        response.contains("proxy-status: idmatch-proxy; error="),
+        "{response}"
+    );
+    assert_eq!(relay.accepted(), 1);
+    assert_eq!(upstream.request_count(), 0);
+    assert_eq!(metric(proxy.admin, RETRIED_CONNECT).await, 0.0);
+}
+
+fn assert_too_large(status: StatusCode, headers: &http::HeaderMap, body: &[u8]) {
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(
+        headers["proxy-status"],
+        "idmatch-proxy; error=http_request_denied"
+    );
+    let body: serde_json::Value = serde_json::from_slice(body).unwrap();
+    assert_eq!(body["error"]["code"], "http_request_denied");
+}
+
+#[tokio::test]
+async fn a_content_length_over_the_limit_is_refused_before_the_upstream() {
+    let pki = TestPki::localhost();
+    let upstream = ok_upstream(&pki).await;
+    let config =
+        ProxyConfig::new(&upstream.url(BASE), &pki).set("IDMATCH_CLIENT_MAX_BODY_BYTES", "1KiB");
+    let proxy = Proxy::start(&config).await;
+    let client = http1();
+    let upload = |size: usize| {
+        Request::post(proxy.url("/upload"))
+            .body(Full::new(Bytes::from(vec![b'x'; size])))
+            .unwrap()
+    };
+
+    let refused = send(&client, upload(1025)).await;
+    assert_too_large(refused.status, &refused.headers, &refused.body);
+    assert_eq!(upstream.connections_accepted(), 0);
+
+    // Exactly the limit passes.
+    assert_eq!(send(&client, upload(1024)).await.status, StatusCode::OK);
+}
+
+/// What the upstream made of an upload.
+#[derive(Debug, PartialEq, Eq)]
+enum Upload {
+    /// Data arrived; the total so far.
+    Received(usize),
+    Complete(usize),
+    Aborted(usize),
+}
+
+/// Reports every step of each upload it reads, then answers 200.
+async fn recording_uploads(
+    pki: &TestPki,
+    alpn: &[u8],
+) -> (RunningServer, mpsc::UnboundedReceiver<Upload>) {
+    let (events, received) = mpsc::unbounded_channel();
+    let upstream = Upstream::builder()
+        .tls(pki)
+        .alpn(&[alpn])
+        .handler(move |request: Request<Incoming>| {
+            let events = events.clone();
+            async move {
+                let mut body = request.into_body();
+                let mut total = 0;
+                let end = loop {
+                    match body.frame().await {
+                        Some(Ok(frame)) => {
+                            if let Some(data) = frame.data_ref() {
+                                total += data.len();
+                                let _ = events.send(Upload::Received(total));
+                            }
+                        }
+                        Some(Err(_)) => break Upload::Aborted(total),
+                        None => break Upload::Complete(total),
+                    }
+                };
+                let _ = events.send(end);
+                json(StatusCode::OK, json!({}))
+            }
+        })
+        .start()
+        .await;
+    (upstream, received)
+}
+
+/// Reads one HTTP/1.1 response with a `Content-Length` body: status, head, body.
+async fn read_response(stream: &mut TcpStream) -> (StatusCode, String, Vec<u8>) {
+    let mut buffer = Vec::new();
+    let head_end = loop {
+        if let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+            break end + 4;
+        }
+        let mut chunk = [0; 4096];
+        let n = stream.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "closed before a response head: {buffer:?}");
+        buffer.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8(buffer[..head_end].to_vec()).unwrap();
+    let length: usize = head
+        .lines()
+        .find_map(|line| line.strip_prefix("content-length: "))
+        .expect("a content-length")
+        .parse()
+        .unwrap();
+    let mut body = buffer[head_end..].to_vec();
+    while body.len() < length {
+        let mut chunk = [0; 4096];
+        let n = stream.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "closed inside the body");
+        body.extend_from_slice(&chunk[..n]);
+    }
+    let status = head[9..12].parse::<u16>().unwrap();
+    (StatusCode::from_u16(status).unwrap(), head, body)
+}
+
+fn chunk(size: usize) -> Vec<u8> {
+    let mut chunk = format!("{size:x}\r\n").into_bytes();
+    chunk.extend(std::iter::repeat_n(b'x', size));
+    chunk.extend_from_slice(b"\r\n");
+    chunk
+}
+
+#[tokio::test]
+async fn a_streamed_body_over_the_limit_is_aborted_upstream_and_refused() {
+    // Over HTTP/2 an aborted request body comes back to the proxy only as a stream reset.
+    for alpn in [&b"h2"[..], b"http/1.1"] {
+        let pki = TestPki::localhost();
+        let (upstream, mut uploads) = recording_uploads(&pki, alpn).await;
+        let config = ProxyConfig::new(&upstream.url(BASE), &pki)
+            .set("IDMATCH_CLIENT_MAX_BODY_BYTES", "1000");
+        let proxy = Proxy::start(&config).await;
+        let mut client = TcpStream::connect(proxy.addr).await.unwrap();
+
+        client
+            .write_all(b"POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+            .await
+            .unwrap();
+        client.write_all(&chunk(600)).await.unwrap();
+        // The upstream has the first 600 bytes: the request is under way, not refused early.
+        while uploads.recv().await.unwrap() != Upload::Received(600) {}
+        client.write_all(&chunk(600)).await.unwrap();
+
+        let (status, head, body) =
+            tokio::time::timeout(Duration::from_secs(10), read_response(&mut client))
+                .await
+                .expect("an answer");
+        let headers = head
+            .lines()
+            .skip(1)
+            .filter_map(|line| line.split_once(": "))
+            .map(|(k, v)| (k.parse().unwrap(), v.parse().unwrap()))
+            .collect::<http::HeaderMap>();
+        assert_too_large(status, &headers, &body);
+
+        let end = tokio::time::timeout(Duration::from_secs(10), uploads.recv())
+            .await
+            .expect("the upstream sees the end of the upload");
+        assert_eq!(end, Some(Upload::Aborted(600)), "{alpn:?}");
+    }
+}
