@@ -67,56 +67,57 @@ impl Observer {
                 id
             }
         };
-        let entry = Entry {
-            method: request.method().clone(),
-            target: self.loggable_target(request.uri()),
-            request_id: request_id.clone(),
-            started,
-        };
         let version = request.version();
+        // From here on, however the request ends (even by the client going away while we
+        // wait for the upstream, which drops this future), `Finish` accounts for it once.
+        let mut finish = Finish {
+            entry: Entry {
+                method: request.method().clone(),
+                target: self.loggable_target(request.uri()),
+                request_id: request_id.clone(),
+                started,
+            },
+            status: None,
+            code: None,
+            upstream_ms: None,
+            bytes: 0,
+            complete: false,
+            metrics: self.metrics.clone(),
+            permit: None,
+            activity,
+        };
 
         // Beyond the limit, answer at once: a queue would only grow while the upstream is slow.
-        let (mut response, permit) = match self.in_flight.clone().try_acquire_owned() {
+        let mut response = match self.in_flight.clone().try_acquire_owned() {
             Ok(permit) => {
                 self.metrics.in_flight.inc();
-                (proxy.handle(request, local).await, Some(permit))
+                finish.permit = Some(permit);
+                proxy.handle(request, local).await
             }
-            Err(_) => (
-                ProxyError::Overloaded.into_response().map(ProxyBody::Right),
-                None,
-            ),
+            Err(_) => ProxyError::Overloaded.into_response().map(ProxyBody::Right),
         };
         let to_headers = started.elapsed();
 
-        let code = response.extensions().get::<ProxyErrorCode>().map(|c| c.0);
-        match code {
+        finish.status = Some(response.status());
+        finish.code = response.extensions().get::<ProxyErrorCode>().map(|c| c.0);
+        match finish.code {
             Some(code) => {
                 self.metrics
                     .proxy_errors
                     .get_or_create(&ErrorLabels { code })
                     .inc();
             }
-            None => self.metrics.upstream_ttfb.observe(to_headers.as_secs_f64()),
+            None => {
+                self.metrics.upstream_ttfb.observe(to_headers.as_secs_f64());
+                finish.upstream_ms = Some(to_headers.as_secs_f64() * 1e3);
+            }
         }
         let headers = response.headers_mut();
         headers.insert(X_REQUEST_ID.clone(), request_id);
         if version < Version::HTTP_2 && self.draining.load(Ordering::Relaxed) {
             headers.insert(CONNECTION, HeaderValue::from_static("close"));
         }
-        let status = response.status();
-        response.map(|inner| ObservedBody {
-            inner,
-            finish: Some(Finish {
-                entry,
-                status,
-                code,
-                upstream_ms: code.is_none().then_some(to_headers.as_secs_f64() * 1e3),
-                metrics: self.metrics.clone(),
-                permit,
-                activity,
-            }),
-            bytes: 0,
-        })
+        response.map(|inner| ObservedBody { inner, finish })
     }
 
     /// The path, and the query unless it is redacted: it can hold phone numbers.
@@ -137,60 +138,58 @@ struct Entry {
     started: Instant,
 }
 
-/// Written once, when the body ends or is dropped.
+/// The request's accounting, written once, when it is dropped: with the response body (after
+/// its last byte, or abandoned), or earlier if the request never got a response.
 struct Finish {
     entry: Entry,
-    status: StatusCode,
+    /// `None` if the client went away before the response.
+    status: Option<StatusCode>,
     code: Option<&'static str>,
     upstream_ms: Option<f64>,
+    bytes: u64,
+    /// The response body reached its end.
+    complete: bool,
     metrics: Arc<Metrics>,
+    /// Held while in flight; `None` when refused for being over the limit.
     permit: Option<OwnedSemaphorePermit>,
     activity: Arc<Activity>,
 }
 
-impl Finish {
-    fn write(self, bytes: u64, complete: bool) {
-        let Self {
-            entry,
-            status,
-            code,
-            upstream_ms,
-            metrics,
-            permit,
-            activity,
-        } = self;
-        let duration = entry.started.elapsed();
-        metrics
-            .requests
-            .get_or_create(&RequestLabels::new(&entry.method, status))
-            .inc();
-        metrics.request_duration.observe(duration.as_secs_f64());
-        if permit.is_some() {
+impl Drop for Finish {
+    fn drop(&mut self) {
+        let duration = self.entry.started.elapsed();
+        let metrics = &self.metrics;
+        if let Some(status) = self.status {
+            metrics
+                .requests
+                .get_or_create(&RequestLabels::new(&self.entry.method, status))
+                .inc();
+            metrics.request_duration.observe(duration.as_secs_f64());
+        }
+        if self.permit.take().is_some() {
             metrics.in_flight.dec();
         }
-        drop(permit);
-        activity.request_finished();
+        self.activity.request_finished();
         tracing::info!(
             target: ACCESS,
-            method = %entry.method,
-            path = %entry.target,
-            status = status.as_u16(),
-            bytes,
+            method = %self.entry.method,
+            path = %self.entry.target,
+            status = self.status.map(|s| s.as_u16()),
+            bytes = self.bytes,
             duration_ms = duration.as_secs_f64() * 1e3,
-            upstream_ms,
-            request_id = entry.request_id.to_str().unwrap_or("<binary>"),
-            error = code,
-            complete,
+            upstream_ms = self.upstream_ms,
+            request_id = self.entry.request_id.to_str().unwrap_or("<binary>"),
+            error = self.code,
+            complete = self.complete,
             "request"
         );
     }
 }
 
-/// The response body, counted; finishing it writes the log line and the metrics.
+/// The response body, counted; dropping it writes the request's log line and metrics.
 pub struct ObservedBody {
     inner: ProxyBody,
-    finish: Option<Finish>,
-    bytes: u64,
+    finish: Finish,
 }
 
 impl Body for ObservedBody {
@@ -205,14 +204,10 @@ impl Body for ObservedBody {
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
-                    self.bytes += data.len() as u64;
+                    self.finish.bytes += data.len() as u64;
                 }
             }
-            Poll::Ready(None) => {
-                if let Some(finish) = self.finish.take() {
-                    finish.write(self.bytes, true);
-                }
-            }
+            Poll::Ready(None) => self.finish.complete = true,
             Poll::Ready(Some(Err(_))) | Poll::Pending => {}
         }
         polled
@@ -229,12 +224,9 @@ impl Body for ObservedBody {
 
 impl Drop for ObservedBody {
     fn drop(&mut self) {
-        if let Some(finish) = self.finish.take() {
-            // hyper may drop a body it has seen `is_end_stream` on without polling it to the
-            // end: that is still a complete response.
-            let complete = self.inner.is_end_stream();
-            finish.write(self.bytes, complete);
-        }
+        // hyper may drop a body it saw `is_end_stream` on without polling it to the end: that
+        // is still a complete response.
+        self.finish.complete |= self.inner.is_end_stream();
     }
 }
 

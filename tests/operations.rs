@@ -394,3 +394,40 @@ async fn shutdown_gives_up_on_requests_at_the_timeout() {
     );
     assert!(stuck.await.unwrap().is_err(), "the stuck request was cut");
 }
+
+#[tokio::test]
+async fn a_client_gone_before_the_response_is_accounted_for() {
+    let (upstream, proxy, _config) = stack_with(Duration::from_secs(5), &[]).await;
+    let mut gone = TcpStream::connect(proxy.addr).await.unwrap();
+    gone.write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    while upstream.request_count() == 0 {
+        tokio::task::yield_now().await;
+    }
+    let client = http1();
+    let in_flight = |text: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix("idmatch_proxy_requests_in_flight "))
+            .map(str::to_owned)
+    };
+    let metrics = send(&client, get(&admin_url(&proxy, "/metrics"))).await;
+    assert_eq!(
+        in_flight(&String::from_utf8_lossy(&metrics.body)).as_deref(),
+        Some("1")
+    );
+    drop(gone);
+    // The upstream request is abandoned with the client's, and the gauge comes back down.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let metrics = send(&client, get(&admin_url(&proxy, "/metrics"))).await;
+        if in_flight(&String::from_utf8_lossy(&metrics.body)).as_deref() == Some("0") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still in flight after the client left"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
