@@ -293,10 +293,24 @@ pub struct ConfigError {
 impl ConfigError {
     fn new(subject: impl Into<String>, problem: impl Into<String>) -> Self {
         ConfigError {
-            subject: subject.into(),
-            problem: problem.into(),
+            subject: escape_controls(subject.into()),
+            problem: escape_controls(problem.into()),
         }
     }
+}
+
+/// Paths are shown as written, and may hold a newline or an escape sequence: escaped, so that
+/// the error stays one line and cannot rewrite the terminal.
+fn escape_controls(text: String) -> String {
+    if !text.contains(char::is_control) {
+        return text;
+    }
+    text.chars()
+        .map(|c| match c.is_control() {
+            true => c.escape_default().to_string(),
+            false => c.to_string(),
+        })
+        .collect()
 }
 
 impl Config {
@@ -752,6 +766,18 @@ impl Layers {
         };
         let (secret, secret_file) = self.secret()?;
         let (key_id, key_id_file) = self.key_id()?;
+        // A key id file pointed at the secret would put the secret in every token's header.
+        if key_id.as_bytes() == secret.expose() {
+            let key = match key_id_file {
+                Some(_) => Key::CredentialsKeyIdFile,
+                None => Key::CredentialsKeyId,
+            };
+            return Err(self.error(
+                key,
+                "the key id equals the secret: it would be sent in every token's header; \
+                 check that the key id and the secret come from different files",
+            ));
+        }
         Ok(Config {
             listen,
             admin_listen,
@@ -2287,6 +2313,22 @@ mod tests {
         assert_eq!(
             error(None, &env),
             "IDMATCH_KEY_ID and IDMATCH_KEY_ID_FILE (environment): both are set; set only one of them"
+        );
+    }
+
+    #[test]
+    fn a_key_id_equal_to_the_secret_is_refused_without_showing_either() {
+        let file = temp_file(SECRET.as_bytes());
+        let message = error(
+            None,
+            &env(&[
+                ("IDMATCH_KEY_ID_FILE", path_of(&file)),
+                ("IDMATCH_SECRET_FILE", path_of(&file)),
+            ]),
+        );
+        assert!(
+            message.starts_with("IDMATCH_KEY_ID_FILE (environment): the key id equals the secret"),
+            "{message}"
         );
     }
 }

@@ -35,6 +35,12 @@ pub enum ProxyError {
     BodyTooLarge { limit: u64 },
     #[error("the request body could not be read: {0}")]
     RequestBody(String),
+    #[error("the request body did not arrive within {0:?}")]
+    RequestBodyTimeout(std::time::Duration),
+    /// A `Transfer-Encoding` other than `chunked` alone: hyper decodes only the last coding,
+    /// so any other would reach the upstream still applied and no longer declared.
+    #[error("Transfer-Encoding {0:?} is not supported: send the body with Content-Length or chunked alone")]
+    TransferCoding(String),
     #[error("cannot resolve the upstream host: {0}")]
     Dns(String),
     #[error("the upstream refused the connection")]
@@ -57,6 +63,9 @@ pub enum ProxyError {
     ResponseTimeout(std::time::Duration),
     #[error("the upstream closed the connection before responding: {0}")]
     Terminated(String),
+    /// An answer that cannot be passed on to the client (RFC 9209 §2.3.13).
+    #[error("the upstream broke the HTTP exchange: {0}")]
+    UpstreamProtocol(&'static str),
     #[error("too many requests in flight; retry shortly")]
     Overloaded,
 }
@@ -120,7 +129,10 @@ impl ProxyError {
             Self::MethodRefused(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::ForeignAuthority(_) => StatusCode::MISDIRECTED_REQUEST,
             Self::InvalidTarget | Self::RequestBody(_) => StatusCode::BAD_REQUEST,
+            // RFC 9112 §6.1: a transfer coding the server does not understand.
+            Self::TransferCoding(_) => StatusCode::NOT_IMPLEMENTED,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::RequestBodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::ConnectTimeout | Self::ResponseTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             Self::Dns(_)
@@ -130,7 +142,8 @@ impl ProxyError {
             | Self::Unreachable(_)
             | Self::Egress(_)
             | Self::EgressAuthentication(_)
-            | Self::Terminated(_) => StatusCode::BAD_GATEWAY,
+            | Self::Terminated(_)
+            | Self::UpstreamProtocol(_) => StatusCode::BAD_GATEWAY,
         }
     }
 
@@ -138,7 +151,10 @@ impl ProxyError {
     pub fn code(&self) -> &'static str {
         match self {
             Self::MethodRefused(_) | Self::ForeignAuthority(_) => "http_request_denied",
-            Self::InvalidTarget | Self::RequestBody(_) => "http_request_error",
+            Self::InvalidTarget
+            | Self::RequestBody(_)
+            | Self::RequestBodyTimeout(_)
+            | Self::TransferCoding(_) => "http_request_error",
             // A limit the operator configured, so a refusal by policy (RFC 9209 §2.3.16) rather
             // than a malformed request; RFC 9209 has no request-body-size type.
             Self::BodyTooLarge { .. } => "http_request_denied",
@@ -151,6 +167,7 @@ impl ProxyError {
             Self::EgressAuthentication(_) => "proxy_configuration_error",
             Self::ResponseTimeout(_) => "http_response_timeout",
             Self::Terminated(_) => "connection_terminated",
+            Self::UpstreamProtocol(_) => "http_protocol_error",
             // RFC 9209's nearest: a configured limit of the proxy was reached.
             Self::Overloaded => "connection_limit_reached",
         }
@@ -158,7 +175,7 @@ impl ProxyError {
 
     /// Whether the client, rather than the upstream, is at fault.
     pub fn is_client_error(&self) -> bool {
-        self.status().is_client_error()
+        self.status().is_client_error() || matches!(self, Self::TransferCoding(_))
     }
 
     /// Whether connecting to the upstream failed (as opposed to an exchange on a connection).

@@ -15,12 +15,13 @@
 use std::error::Error as _;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes};
-use http::header::AUTHORIZATION;
+use http::header::{AUTHORIZATION, CONNECTION, TRANSFER_ENCODING};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Either, Full};
@@ -35,8 +36,9 @@ use crate::metrics::{ErrorLabels, Metrics, ReasonLabels};
 use crate::token::TokenCache;
 use crate::upstream::UpstreamClient;
 
-/// Upstream bodies pass through untouched; the proxy's own answers are small and whole.
-pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+/// Upstream bodies pass through untouched (but watched for silence, see [`Watched`]); the
+/// proxy's own answers are small and whole.
+pub type ProxyBody = Either<Watched, Full<Bytes>>;
 
 /// What the proxy sends upstream: a kept body (cheap to clone, for a second attempt) or the
 /// client's, streamed.
@@ -64,6 +66,8 @@ pub struct Proxy {
     response_timeout: Duration,
     replay_buffer_bytes: u64,
     max_body_bytes: Option<u64>,
+    /// Bound on reading a kept body: `client.header_timeout`.
+    body_timeout: Duration,
     tokens: Arc<TokenCache>,
     metrics: Arc<Metrics>,
 }
@@ -86,6 +90,7 @@ impl Proxy {
             response_timeout: upstream.response_timeout,
             replay_buffer_bytes: upstream.replay_buffer_bytes as u64,
             max_body_bytes: config.client.max_body_bytes,
+            body_timeout: config.client.header_timeout,
             tokens,
             metrics,
         }
@@ -97,8 +102,11 @@ impl Proxy {
         request: Request<Incoming>,
         local: SocketAddr,
     ) -> Response<ProxyBody> {
+        let body_pending = request.version() < Version::HTTP_2 && !request.body().is_end_stream();
         match self.forward(request, local).await {
-            Ok(response) => response.map(Either::Left),
+            Ok(response) => {
+                response.map(|body| Either::Left(Watched::new(body, self.response_timeout)))
+            }
             Err(error) => {
                 self.count_connect_error(&error);
                 if error.is_client_error() {
@@ -106,7 +114,15 @@ impl Proxy {
                 } else {
                     tracing::warn!(code = error.code(), %error, "upstream request failed");
                 }
-                error.into_response().map(Either::Right)
+                let mut response = error.into_response();
+                // The client's body may be left unread, and then hyper closes the connection
+                // after this answer: say so (RFC 9112 §9.6), or the client would reuse it.
+                if body_pending {
+                    response
+                        .headers_mut()
+                        .insert(CONNECTION, HeaderValue::from_static("close"));
+                }
+                response.map(Either::Right)
             }
         }
     }
@@ -131,6 +147,13 @@ impl Proxy {
                 }
             }
         }
+        // hyper frames a body by its last transfer coding, which it checks is `chunked`, and
+        // hands us what that decodes to; the field itself is hop-by-hop and removed. Any other
+        // coding (`gzip, chunked`, `chunked` twice, a second line naming `x`) would reach the
+        // upstream still applied and no longer declared. RFC 9112 §6.1: 501.
+        if let Some(codings) = other_codings(request.headers()) {
+            return Err(ProxyError::TransferCoding(codings));
+        }
         // hyper has parsed and checked `Content-Length` (HTTP/1.1: it is the exact size; h2:
         // a DATA overrun is a stream error), so an announced size is known here without
         // reading; a GET without a body is 0.
@@ -142,12 +165,16 @@ impl Proxy {
         }
 
         let uri = self.upstream_uri(request.uri())?;
+        let version = request.version();
         let (mut parts, body) = request.into_parts();
         let response = match length.filter(|&n| n <= self.replay_buffer_bytes) {
             Some(length) => {
                 // Read before taking the token, so that a slow upload does not use up its
-                // validity.
-                let body = collect(body, length).await?;
+                // validity; and within the client's header timeout, so that a client that stops
+                // sending cannot hold a slot and a connection forever.
+                let body = tokio::time::timeout(self.body_timeout, collect(body, length))
+                    .await
+                    .map_err(|_| ProxyError::RequestBodyTimeout(self.body_timeout))??;
                 let authorization = self.rewrite(&mut parts.headers);
                 let kept = Kept {
                     method: parts.method,
@@ -167,8 +194,24 @@ impl Proxy {
             }
         };
 
+        // We never ask for an upgrade (`Upgrade` is hop-by-hop, removed), so a 101 is one the
+        // upstream may not send (RFC 9110 §15.2.2); passed on, it would tell the client that
+        // protocols were switched on a connection that hyper then closes.
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+            return Err(ProxyError::UpstreamProtocol(
+                "it switched protocols, which was never asked",
+            ));
+        }
         let (mut parts, body) = response.into_parts();
         headers::remove_hop_by_hop(&mut parts.headers);
+        // The upstream answered before the client's body ended (an early 401 or 413): hyper
+        // closes the connection rather than read the rest, so the answer says so (RFC 9112
+        // §9.6), or the client would reuse a connection about to close.
+        if parts.extensions.remove::<BodyLeftUnread>().is_some() && version < Version::HTTP_2 {
+            parts
+                .headers
+                .insert(CONNECTION, HeaderValue::from_static("close"));
+        }
         parts.version = Version::HTTP_11;
         Ok(Response::from_parts(parts, body))
     }
@@ -229,29 +272,27 @@ impl Proxy {
         body: Incoming,
         sent: &HeaderValue,
     ) -> Result<Response<Incoming>, ProxyError> {
-        let (body, exceeded) = match self.max_body_bytes {
-            Some(limit) => {
-                let (body, exceeded) = Streamed::reporting(body, limit);
-                (body, Some((limit, exceeded)))
-            }
-            None => (Streamed::new(body, u64::MAX), None),
-        };
-        let response = match self
+        let limit = self.max_body_bytes.unwrap_or(u64::MAX);
+        let (body, mut failed) = Streamed::reporting(body, limit);
+        let ended = body.ended.clone();
+        let mut response = match self
             .send(Request::from_parts(parts, Either::Right(body)))
             .await?
         {
             Ok(response) => response,
-            // Over HTTP/2 the body's error reaches the upstream as a reset and comes back as
-            // one, without its cause: the limiter tells us itself, before failing the body.
+            // When the client's body failed (over the limit, or unreadable: bad chunked
+            // framing), the fault is the client's, not the upstream's. Over HTTP/2 the body's
+            // error reaches the upstream as a reset and comes back as one, without its cause:
+            // the body tells us itself, before failing.
             Err(error) => {
-                let over =
-                    exceeded.and_then(|(limit, mut told)| told.try_recv().is_ok().then_some(limit));
-                return Err(match over {
-                    Some(limit) => ProxyError::BodyTooLarge { limit },
-                    None => ProxyError::from_upstream(error),
-                });
+                return Err(failed
+                    .try_recv()
+                    .unwrap_or_else(|_| ProxyError::from_upstream(error)));
             }
         };
+        if !ended.load(Ordering::Acquire) {
+            response.extensions_mut().insert(BodyLeftUnread);
+        }
         if response.status() == StatusCode::UNAUTHORIZED {
             self.tokens.reject(sent);
             self.metrics.unauthorized_not_replayed.inc();
@@ -282,24 +323,33 @@ impl Proxy {
         }
     }
 
-    /// The upstream base path followed by the client's path and query, byte for byte: no
-    /// decoding, no normalisation, so `%2F`, `+`, repeated and empty parameters reach CM.com as
-    /// the client wrote them.
     fn upstream_uri(&self, target: &Uri) -> Result<Uri, ProxyError> {
-        let path_and_query = target.path_and_query().map_or("/", PathAndQuery::as_str);
-        if !path_and_query.starts_with('/') {
-            return Err(ProxyError::InvalidTarget);
-        }
-        let mut joined = String::with_capacity(self.base_path.len() + path_and_query.len());
-        joined.push_str(&self.base_path);
-        joined.push_str(path_and_query);
-        Uri::builder()
-            .scheme(self.scheme.clone())
-            .authority(self.authority.clone())
-            .path_and_query(joined)
-            .build()
-            .map_err(|_| ProxyError::InvalidTarget)
+        upstream_uri(&self.scheme, &self.authority, &self.base_path, target)
     }
+}
+
+/// The upstream base path followed by the client's path and query, byte for byte: no decoding,
+/// no normalisation, so `%2F`, `+`, repeated and empty parameters reach CM.com as the client
+/// wrote them. Public for the property tests (`tests/properties.rs`).
+pub fn upstream_uri(
+    scheme: &Scheme,
+    authority: &Authority,
+    base_path: &str,
+    target: &Uri,
+) -> Result<Uri, ProxyError> {
+    let path_and_query = target.path_and_query().map_or("/", PathAndQuery::as_str);
+    if !path_and_query.starts_with('/') {
+        return Err(ProxyError::InvalidTarget);
+    }
+    let mut joined = String::with_capacity(base_path.len() + path_and_query.len());
+    joined.push_str(base_path);
+    joined.push_str(path_and_query);
+    Uri::builder()
+        .scheme(scheme.clone())
+        .authority(authority.clone())
+        .path_and_query(joined)
+        .build()
+        .map_err(|_| ProxyError::InvalidTarget)
 }
 
 /// A rewritten request whose body was read, so that it can be sent more than once.
@@ -375,31 +425,45 @@ fn never_written(error: &legacy::Error) -> bool {
 /// upstream then sees the request aborted, never complete.
 pub struct Streamed {
     body: Incoming,
-    /// Bytes still allowed; `u64::MAX` for no limit.
+    /// Bytes allowed in all, and still allowed; `u64::MAX` for no limit.
+    limit: u64,
     remaining: u64,
-    /// Told when the limit is exceeded, which an HTTP/2 upstream would only report as a reset.
-    exceeded: Option<oneshot::Sender<()>>,
+    /// Told why the body failed, which an HTTP/2 upstream would only report as a reset.
+    failed: Option<oneshot::Sender<ProxyError>>,
+    /// Set once the body has been read to its end.
+    ended: Arc<AtomicBool>,
 }
+
+/// Marks an upstream response that came before the client's body ended.
+#[derive(Clone, Copy)]
+struct BodyLeftUnread;
 
 impl Streamed {
     /// The client's body, cut off past `limit` (`u64::MAX`: no limit).
     fn new(body: Incoming, limit: u64) -> Self {
         Self {
             body,
+            limit,
             remaining: limit,
-            exceeded: None,
+            failed: None,
+            ended: Arc::default(),
         }
     }
 
-    /// The same, and the receiver hears when the limit cuts it off.
-    fn reporting(body: Incoming, limit: u64) -> (Self, oneshot::Receiver<()>) {
-        let (exceeded, receiver) = oneshot::channel();
+    /// The same, and the receiver hears why it failed, if it does.
+    fn reporting(body: Incoming, limit: u64) -> (Self, oneshot::Receiver<ProxyError>) {
+        let (failed, receiver) = oneshot::channel();
         let body = Self {
-            body,
-            remaining: limit,
-            exceeded: Some(exceeded),
+            failed: Some(failed),
+            ..Self::new(body, limit)
         };
         (body, receiver)
+    }
+
+    fn report(&mut self, error: ProxyError) {
+        if let Some(failed) = self.failed.take() {
+            let _ = failed.send(error);
+        }
     }
 }
 
@@ -422,19 +486,28 @@ impl Body for Streamed {
     ) -> Poll<Option<Result<Frame<Bytes>, RequestBodyError>>> {
         let frame = match ready!(Pin::new(&mut self.body).poll_frame(cx)) {
             Some(Ok(frame)) => frame,
-            Some(Err(error)) => return Poll::Ready(Some(Err(RequestBodyError::Read(error)))),
-            None => return Poll::Ready(None),
+            Some(Err(error)) => {
+                self.report(ProxyError::RequestBody(error.to_string()));
+                return Poll::Ready(Some(Err(RequestBodyError::Read(error))));
+            }
+            None => {
+                self.ended.store(true, Ordering::Release);
+                return Poll::Ready(None);
+            }
         };
         if let Some(data) = frame.data_ref() {
             match self.remaining.checked_sub(data.len() as u64) {
                 Some(remaining) => self.remaining = remaining,
                 None => {
-                    if let Some(exceeded) = self.exceeded.take() {
-                        let _ = exceeded.send(());
-                    }
+                    let limit = self.limit;
+                    self.report(ProxyError::BodyTooLarge { limit });
                     return Poll::Ready(Some(Err(RequestBodyError::TooLong)));
                 }
             }
+        }
+        // A body of known length ends with its last byte: the reader may not poll again.
+        if self.body.is_end_stream() {
+            self.ended.store(true, Ordering::Release);
         }
         Poll::Ready(Some(Ok(frame)))
     }
@@ -445,6 +518,97 @@ impl Body for Streamed {
 
     fn size_hint(&self) -> SizeHint {
         self.body.size_hint()
+    }
+}
+
+/// The upstream's response body, aborted once the upstream has sent nothing of it for
+/// `upstream.response_timeout` while we wait (nginx's `proxy_read_timeout`): without a bound, a
+/// body that stalls after its head holds the client, its in-flight slot and the upstream
+/// connection forever, and the client's idle timeout does not run while a request is in flight.
+/// Only time spent waiting on the upstream counts, never time the client takes to read.
+pub struct Watched {
+    body: Incoming,
+    timeout: Duration,
+    /// Made at the first wait, then reused: a body that arrives with its head never needs it.
+    silence: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Whether the last poll found nothing, so that `silence` is running.
+    waiting: bool,
+}
+
+/// The upstream went silent in the middle of a response body.
+#[derive(Debug, thiserror::Error)]
+#[error("the upstream sent nothing of the response body for {0:?}")]
+pub struct BodyTimeout(Duration);
+
+impl Watched {
+    fn new(body: Incoming, timeout: Duration) -> Self {
+        Self {
+            body,
+            timeout,
+            silence: None,
+            waiting: false,
+        }
+    }
+}
+
+impl Body for Watched {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        if let Poll::Ready(frame) = Pin::new(&mut this.body).poll_frame(cx) {
+            this.waiting = false;
+            return Poll::Ready(frame.map(|frame| frame.map_err(Into::into)));
+        }
+        let deadline = tokio::time::Instant::now() + this.timeout;
+        let silence = match &mut this.silence {
+            Some(silence) if this.waiting => silence,
+            Some(silence) => {
+                silence.as_mut().reset(deadline);
+                silence
+            }
+            None => this
+                .silence
+                .insert(Box::pin(tokio::time::sleep_until(deadline))),
+        };
+        this.waiting = true;
+        ready!(std::future::Future::poll(silence.as_mut(), cx));
+        tracing::warn!(timeout = ?this.timeout, "the upstream's response body stalled; aborting it");
+        Poll::Ready(Some(Err(BodyTimeout(this.timeout).into())))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// The request's `Transfer-Encoding` lines, joined, when they say anything but `chunked` alone
+/// (empty list elements do not count, RFC 9110 §5.6.1).
+fn other_codings(headers: &HeaderMap) -> Option<String> {
+    let lines = headers.get_all(TRANSFER_ENCODING);
+    let mut codings = lines
+        .iter()
+        .flat_map(|line| line.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|coding| !coding.is_empty());
+    match (codings.next(), codings.next()) {
+        (None, _) => None,
+        (Some(only), None) if only.eq_ignore_ascii_case(b"chunked") => None,
+        _ => Some(
+            lines
+                .iter()
+                .map(|line| String::from_utf8_lossy(line.as_bytes()))
+                .collect::<Vec<_>>()
+                .join(", "),
+        ),
     }
 }
 
@@ -468,6 +632,30 @@ fn names_local(authority: &Authority, local: SocketAddr) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_chunked_alone_is_a_supported_transfer_encoding() {
+        let codings = |lines: &[&str]| {
+            let mut headers = HeaderMap::new();
+            for line in lines {
+                headers.append(TRANSFER_ENCODING, HeaderValue::from_str(line).unwrap());
+            }
+            other_codings(&headers)
+        };
+        assert_eq!(codings(&[]), None);
+        assert_eq!(codings(&["chunked"]), None);
+        assert_eq!(codings(&["CHUNKED"]), None);
+        assert_eq!(codings(&[", chunked ,"]), None);
+        assert_eq!(
+            codings(&["gzip, chunked"]).as_deref(),
+            Some("gzip, chunked")
+        );
+        assert_eq!(
+            codings(&["chunked, chunked"]).as_deref(),
+            Some("chunked, chunked")
+        );
+        assert_eq!(codings(&["x", "chunked"]).as_deref(), Some("x, chunked"));
+    }
 
     #[test]
     fn absolute_form_must_name_the_local_socket() {

@@ -431,3 +431,33 @@ async fn a_client_gone_before_the_response_is_accounted_for() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test]
+async fn a_small_body_that_stops_arriving_gets_408_within_the_header_timeout() {
+    let (upstream, proxy, _config) = stack_with(
+        Duration::ZERO,
+        &[("IDMATCH_CLIENT_HEADER_TIMEOUT", "300ms")],
+    )
+    .await;
+    let mut stalled = TcpStream::connect(proxy.addr).await.unwrap();
+    stalled
+        .write_all(b"POST /sim-swap HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"phone")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stalled.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("connection: close"), "{answer}");
+    assert!(
+        answer.contains(r#""code":"http_request_error""#),
+        "{answer}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(upstream.request_count(), 0);
+}

@@ -343,3 +343,28 @@ impl Drop for Binary {
         let _ = self.child.wait();
     }
 }
+
+/// One sample of the proxy's `/metrics` (served on `admin`), 0 if absent.
+pub async fn scrape(admin: SocketAddr, sample: &str) -> f64 {
+    let text = send(&http1(), get(&format!("http://{admin}/metrics")))
+        .await
+        .body;
+    let text = String::from_utf8(text.to_vec()).unwrap();
+    text.lines()
+        .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' '))
+        .map_or(0.0, |value| value.parse().unwrap())
+}
+
+/// How many file descriptors a process has open.
+pub fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+/// A process's resident memory now (`VmRSS`), in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
