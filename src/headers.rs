@@ -24,26 +24,29 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     strip(headers, false);
 }
 
-/// Turns the client's request headers into the upstream's: hop-by-hop fields and the client's
-/// own credentials go, our `Host` and exactly one `Authorization` come in. Everything else stays
-/// in its original order.
-pub fn rewrite_request(headers: &mut HeaderMap, host: HeaderValue, authorization: HeaderValue) {
+/// Turns the client's request headers into the upstream's: hop-by-hop fields, the client's
+/// `Host` and its own credentials go, exactly one `Authorization` comes in. Everything else
+/// stays in its original order.
+///
+/// The upstream's `Host` is left to the client library, which derives it from the request URI
+/// for HTTP/1.1 and sends `:authority` alone for HTTP/2: a `Host` beside `:authority` is
+/// refused by some servers (nginx answers 400, "duplicate host header").
+pub fn rewrite_request(headers: &mut HeaderMap, authorization: HeaderValue) {
     strip(headers, true);
     // `insert` replaces every value the client sent, in the first one's place.
-    headers.insert(HOST, host);
     headers.insert(AUTHORIZATION, authorization);
 }
 
-/// Removes hop-by-hop fields (and `Proxy-Authorization` if `credentials`), keeping the order of
+/// Removes hop-by-hop fields (and `Host` and `Proxy-Authorization` if `request`), keeping the order of
 /// the rest. `HeaderMap::remove` moves the last field into the hole, so only trailing fields are
 /// removed in place (nginx ends every response with `Connection: keep-alive`: benches/README.md);
 /// if others remain, the map is rebuilt. Usually there is nothing to remove or rebuild.
-fn strip(headers: &mut HeaderMap, credentials: bool) {
+fn strip(headers: &mut HeaderMap, request: bool) {
     let named = connection_named(headers);
     let doomed = |name: &HeaderName| {
         HOP_BY_HOP.contains(name)
             || named.contains(name)
-            || (credentials && name == PROXY_AUTHORIZATION)
+            || (request && (name == PROXY_AUTHORIZATION || name == HOST))
     };
     while let Some(last) = headers.keys().last().filter(|name| doomed(name)).cloned() {
         headers.remove(&last);
@@ -133,7 +136,7 @@ mod tests {
     }
 
     #[test]
-    fn request_gets_exactly_one_authorization_and_our_host() {
+    fn request_gets_exactly_one_authorization_and_no_host() {
         let mut headers = map(&[
             ("host", "evil.example"),
             ("authorization", "Basic client"),
@@ -141,15 +144,10 @@ mod tests {
             ("proxy-authorization", "Basic p"),
             ("accept", "application/json"),
         ]);
-        rewrite_request(
-            &mut headers,
-            HeaderValue::from_static("api.cm.com"),
-            HeaderValue::from_static("Bearer ours"),
-        );
+        rewrite_request(&mut headers, HeaderValue::from_static("Bearer ours"));
         assert_eq!(
             pairs(&headers),
             [
-                ("host".into(), "api.cm.com".into()),
                 ("authorization".into(), "Bearer ours".into()),
                 ("accept".into(), "application/json".into()),
             ]
@@ -159,13 +157,9 @@ mod tests {
     #[test]
     fn connection_cannot_smuggle_out_our_authorization() {
         let mut headers = map(&[("connection", "authorization, host")]);
-        rewrite_request(
-            &mut headers,
-            HeaderValue::from_static("api.cm.com"),
-            HeaderValue::from_static("Bearer ours"),
-        );
+        rewrite_request(&mut headers, HeaderValue::from_static("Bearer ours"));
         assert_eq!(headers.get_all(AUTHORIZATION).iter().count(), 1);
-        assert_eq!(headers[HOST], "api.cm.com");
+        assert!(!headers.contains_key(HOST));
     }
 
     #[test]
@@ -179,13 +173,9 @@ mod tests {
             ("x-a", "4"),
             ("x-d", "5"),
         ]);
-        rewrite_request(
-            &mut headers,
-            HeaderValue::from_static("api.cm.com"),
-            HeaderValue::from_static("Bearer ours"),
-        );
+        rewrite_request(&mut headers, HeaderValue::from_static("Bearer ours"));
         let names: Vec<_> = headers.keys().map(|n| n.as_str()).collect();
-        assert_eq!(names, ["x-a", "x-b", "x-c", "x-d", "host", "authorization"]);
+        assert_eq!(names, ["x-a", "x-b", "x-c", "x-d", "authorization"]);
         assert_eq!(
             headers.get_all("x-a").iter().collect::<Vec<_>>(),
             ["1", "4"]

@@ -62,7 +62,6 @@ pub struct Proxy {
     scheme: Scheme,
     authority: Authority,
     base_path: String,
-    host: HeaderValue,
     response_timeout: Duration,
     replay_buffer_bytes: u64,
     max_body_bytes: Option<u64>,
@@ -85,8 +84,6 @@ impl Proxy {
             scheme: upstream.scheme.clone(),
             authority: upstream.authority.clone(),
             base_path: upstream.base_path.clone(),
-            host: HeaderValue::from_str(upstream.authority.as_str())
-                .expect("an authority is a valid header value"),
             response_timeout: upstream.response_timeout,
             replay_buffer_bytes: upstream.replay_buffer_bytes as u64,
             max_body_bytes: config.client.max_body_bytes,
@@ -220,7 +217,7 @@ impl Proxy {
     /// `Authorization` they carry.
     fn rewrite(&self, headers: &mut HeaderMap) -> HeaderValue {
         let authorization = self.tokens.authorization();
-        headers::rewrite_request(headers, self.host.clone(), authorization.clone());
+        headers::rewrite_request(headers, authorization.clone());
         authorization
     }
 
