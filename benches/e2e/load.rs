@@ -1,0 +1,493 @@
+//! Load: wrk for the closed-loop maximum, and our own open-loop generator for latency at a
+//! fixed rate.
+//!
+//! Why our own: wrk is closed-loop (a slow response delays the next request, hiding queueing),
+//! and tokio-based generators (oha) pace with tokio's 1 ms timer, which sends requests in
+//! bursts. Here a pacer thread with a timer slack of 1 ns releases request `i` at
+//! `start + i / rate`; the connections live on one tokio thread (an epoll loop, like wrk), and
+//! whichever is free takes the next request released. Two latencies are kept per request:
+//! - service time, from the first byte written to the last byte of the response read;
+//! - response time, from when it was due (what a queue in front of a slow server adds: the
+//!   correction for coordinated omission).
+
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
+
+/// Where requests go, and how.
+#[derive(Clone)]
+pub struct Target {
+    pub addr: SocketAddr,
+    /// Trust this CA and speak TLS (the upstream, for the direct baseline).
+    pub tls: Option<Arc<ClientConfig>>,
+    /// The request, ready to write.
+    pub request: Arc<Vec<u8>>,
+}
+
+/// `POST path` with a small JSON body, as an app calls `/sim-swap`.
+pub fn post(host: &str, path: &str, body: &str, authorization: Option<&str>) -> Vec<u8> {
+    let authorization = authorization
+        .map(|a| format!("Authorization: {a}\r\n"))
+        .unwrap_or_default();
+    format!(
+        "POST {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: idmatch-bench\r\n\
+         Content-Type: application/json\r\n{authorization}Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+pub fn tls_config(ca_pem: &Path) -> Arc<ClientConfig> {
+    let mut roots = RootCertStore::empty();
+    let ca = CertificateDer::from_pem_file(ca_pem).expect("CA PEM");
+    roots.add(ca).expect("usable CA");
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Arc::new(config)
+}
+
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<StreamOwned<ClientConnection, TcpStream>>),
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.read(buf),
+            Stream::Tls(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.write(buf),
+            Stream::Tls(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Stream::Plain(s) => s.flush(),
+            Stream::Tls(s) => s.flush(),
+        }
+    }
+}
+
+/// One keep-alive HTTP/1.1 connection.
+pub struct Connection {
+    stream: Stream,
+    buf: Vec<u8>,
+}
+
+impl Connection {
+    pub fn open(target: &Target) -> io::Result<Connection> {
+        let tcp = TcpStream::connect(target.addr)?;
+        tcp.set_nodelay(true)?;
+        let stream = match &target.tls {
+            None => Stream::Plain(tcp),
+            Some(config) => {
+                let name = ServerName::try_from("localhost").expect("a DNS name");
+                let conn = ClientConnection::new(config.clone(), name).map_err(io::Error::other)?;
+                Stream::Tls(Box::new(StreamOwned::new(conn, tcp)))
+            }
+        };
+        Ok(Connection {
+            stream,
+            buf: Vec::with_capacity(4096),
+        })
+    }
+
+    /// Writes `request` and reads one response; returns its status and body length.
+    pub fn exchange(&mut self, request: &[u8]) -> io::Result<(u16, usize)> {
+        self.stream.write_all(request)?;
+        self.stream.flush()?;
+        self.read_response()
+    }
+
+    pub fn read_response(&mut self) -> io::Result<(u16, usize)> {
+        self.buf.clear();
+        let mut chunk = [0u8; 4096];
+        let (status, head_end, length) = loop {
+            if let Some(head) = parse_head(&self.buf)? {
+                break head;
+            }
+            let n = self.stream.read(&mut chunk)?;
+            if n == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        };
+        let mut have = self.buf.len() - head_end;
+        while have < length {
+            let n = self.stream.read(&mut chunk)?;
+            if n == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            have += n;
+            // Kept for `last_body` (error pages, the mock's byte count); bodies here are small.
+            if self.buf.len() < 64 * 1024 {
+                self.buf.extend_from_slice(&chunk[..n]);
+            }
+        }
+        Ok((status, length))
+    }
+
+    /// The body of the last response (when it came with the head, as small ones do).
+    pub fn last_body(&self) -> String {
+        let start = find(&self.buf, b"\r\n\r\n").map_or(0, |e| e + 4);
+        String::from_utf8_lossy(&self.buf[start..]).into_owned()
+    }
+
+    pub fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.stream.write_all(bytes)
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Latencies of one open-loop run, in nanoseconds, sorted.
+pub struct OpenLoop {
+    pub rate: u64,
+    pub sent: u64,
+    pub elapsed: Duration,
+    pub errors: u64,
+    /// Requests sent more than 1 ms after they were due (the generator fell behind).
+    pub late: u64,
+    pub service: Vec<u64>,
+    pub response: Vec<u64>,
+    /// Busy fraction of each core during the run (filled by the caller).
+    pub busy: Vec<f64>,
+    /// CPU per request of the system under test, the stub and the generator, in µs (filled by
+    /// the caller).
+    pub cpu_us: [f64; 3],
+    /// Load average before and after (filled by the caller).
+    pub load: (String, String),
+}
+
+impl OpenLoop {
+    pub fn achieved(&self) -> f64 {
+        self.sent as f64 / self.elapsed.as_secs_f64()
+    }
+}
+
+/// The `q` quantile (0..=1) of sorted nanoseconds, in microseconds.
+pub fn quantile_us(sorted: &[u64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let index = ((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[index] as f64 / 1e3
+}
+
+/// Sends `rate` requests per second for `duration` over `connections` keep-alive connections.
+pub fn open_loop(target: &Target, rate: u64, duration: Duration, connections: usize) -> OpenLoop {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(open_loop_async(target, rate, duration, connections))
+}
+
+async fn open_loop_async(
+    target: &Target,
+    rate: u64,
+    duration: Duration,
+    connections: usize,
+) -> OpenLoop {
+    let total = rate * duration.as_secs();
+    let mut streams = Vec::with_capacity(connections);
+    for _ in 0..connections {
+        streams.push(AsyncStream::open(target).await.expect("connect"));
+    }
+    // The TLS handshakes (direct) and the first request happen before the clock starts.
+    for stream in &mut streams {
+        let (status, _) = stream
+            .exchange(&target.request)
+            .await
+            .expect("first request");
+        assert_eq!(status, 200, "first request");
+    }
+
+    let (due_tx, due_rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
+    let due_rx = Arc::new(tokio::sync::Mutex::new(due_rx));
+    let start = Instant::now() + Duration::from_millis(20);
+    // 1 ns of timer slack makes `sleep` wake on time, not up to 50 µs late (the default); a
+    // thread inherits it from the thread that starts it, which is this one.
+    let _ = std::fs::write("/proc/self/timerslack_ns", "1");
+    let pacer = std::thread::spawn(move || {
+        let interval_ns = 1_000_000_000 / rate;
+        for i in 0..total {
+            let due = start + Duration::from_nanos(i * interval_ns);
+            let now = Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            }
+            if due_tx.send(due).is_err() {
+                break;
+            }
+        }
+    });
+
+    let mut workers = tokio::task::JoinSet::new();
+    for mut stream in streams {
+        let (due_rx, request) = (due_rx.clone(), target.request.clone());
+        let capacity = (total as usize) / connections * 2;
+        workers.spawn(async move {
+            let (mut service, mut response) =
+                (Vec::with_capacity(capacity), Vec::with_capacity(capacity));
+            let (mut errors, mut late) = (0u64, 0u64);
+            loop {
+                // Whichever connection is free takes the next request that is due. (A `let` of
+                // its own, so that the lock is released before the request is sent.)
+                let next = due_rx.lock().await.recv().await;
+                let Some(due) = next else { break };
+                let sent = Instant::now();
+                if sent - due > Duration::from_millis(1) {
+                    late += 1;
+                }
+                match stream.exchange(&request).await {
+                    Ok((200, _)) => {
+                        let done = Instant::now();
+                        service.push((done - sent).as_nanos() as u64);
+                        response.push((done - due).as_nanos() as u64);
+                    }
+                    // A failed connection takes no more requests; the others carry on.
+                    Ok(_) => errors += 1,
+                    Err(_) => {
+                        errors += 1;
+                        break;
+                    }
+                }
+            }
+            (service, response, errors, late)
+        });
+    }
+    let mut run = OpenLoop {
+        rate,
+        sent: 0,
+        elapsed: Duration::ZERO,
+        errors: 0,
+        late: 0,
+        service: Vec::with_capacity(total as usize),
+        response: Vec::with_capacity(total as usize),
+        busy: Vec::new(),
+        cpu_us: [f64::NAN; 3],
+        load: Default::default(),
+    };
+    while let Some(worker) = workers.join_next().await {
+        let (service, response, errors, late) = worker.expect("worker");
+        run.sent += service.len() as u64 + errors;
+        run.service.extend(service);
+        run.response.extend(response);
+        run.errors += errors;
+        run.late += late;
+    }
+    run.elapsed = start.elapsed();
+    pacer.join().expect("pacer");
+    run.service.sort_unstable();
+    run.response.sort_unstable();
+    run
+}
+
+/// One keep-alive HTTP/1.1 connection for the open-loop generator: plain or TLS, on tokio.
+enum AsyncStream {
+    Plain(tokio::net::TcpStream, Vec<u8>),
+    Tls(
+        Box<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
+        Vec<u8>,
+    ),
+}
+
+impl AsyncStream {
+    async fn open(target: &Target) -> io::Result<AsyncStream> {
+        let tcp = tokio::net::TcpStream::connect(target.addr).await?;
+        tcp.set_nodelay(true)?;
+        let buf = Vec::with_capacity(4096);
+        Ok(match &target.tls {
+            None => AsyncStream::Plain(tcp, buf),
+            Some(config) => {
+                let name = ServerName::try_from("localhost").expect("a DNS name");
+                let tls = tokio_rustls::TlsConnector::from(config.clone())
+                    .connect(name, tcp)
+                    .await?;
+                AsyncStream::Tls(Box::new(tls), buf)
+            }
+        })
+    }
+
+    /// Writes `request` and reads one response; returns its status and body length.
+    async fn exchange(&mut self, request: &[u8]) -> io::Result<(u16, usize)> {
+        match self {
+            AsyncStream::Plain(s, buf) => exchange(s, buf, request).await,
+            AsyncStream::Tls(s, buf) => exchange(s.as_mut(), buf, request).await,
+        }
+    }
+}
+
+async fn exchange<S>(stream: &mut S, buf: &mut Vec<u8>, request: &[u8]) -> io::Result<(u16, usize)>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream.write_all(request).await?;
+    stream.flush().await?;
+    buf.clear();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some((status, head_end, length)) = parse_head(buf)? {
+            let mut have = buf.len() - head_end;
+            while have < length {
+                let n = stream.read(&mut chunk).await?;
+                if n == 0 {
+                    return Err(io::ErrorKind::UnexpectedEof.into());
+                }
+                have += n;
+            }
+            return Ok((status, length));
+        }
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Status, end of the head and `Content-Length` of a response head, once it is complete.
+fn parse_head(buf: &[u8]) -> io::Result<Option<(u16, usize, usize)>> {
+    let Some(end) = find(buf, b"\r\n\r\n") else {
+        return Ok(None);
+    };
+    let head_end = end + 4;
+    let head = std::str::from_utf8(&buf[..head_end]).map_err(io::Error::other)?;
+    let status: u16 = head
+        .get(9..12)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| io::Error::other(format!("bad status line: {head:?}")))?;
+    let length: usize = head
+        .lines()
+        .find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse().ok())?
+        })
+        .ok_or_else(|| io::Error::other(format!("no Content-Length: {head:?}")))?;
+    Ok(Some((status, head_end, length)))
+}
+
+/// Result of one wrk run.
+#[derive(Debug, Default)]
+pub struct Wrk {
+    pub requests: u64,
+    pub seconds: f64,
+    pub rps: f64,
+    pub non_2xx: u64,
+    pub socket_errors: String,
+    pub p50_us: f64,
+    pub p99_us: f64,
+}
+
+/// `wrk -t1 -c<connections> -d<secs>s --latency -s <script> <url>` on the harness core.
+pub fn wrk(url: &str, script: &Path, connections: usize, secs: u64) -> Wrk {
+    let output = Command::new("wrk")
+        .args([
+            "-t1",
+            &format!("-c{connections}"),
+            &format!("-d{secs}s"),
+            "--timeout",
+            "10s",
+            "--latency",
+            "-s",
+            script.to_str().expect("UTF-8 path"),
+            url,
+        ])
+        .output()
+        .expect("wrk is installed (apt-get install wrk)");
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "wrk failed: {text}");
+    let mut wrk = Wrk::default();
+    for line in text.lines().map(str::trim) {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        if line.contains(" requests in ") {
+            wrk.requests = words[0].parse().unwrap_or(0);
+            wrk.seconds = words[3]
+                .trim_end_matches(',')
+                .trim_end_matches('s')
+                .parse()
+                .unwrap_or(f64::NAN);
+        } else if let Some(v) = line.strip_prefix("Requests/sec:") {
+            wrk.rps = v.trim().parse().unwrap_or(0.0);
+        } else if let Some(v) = line.strip_prefix("Non-2xx or 3xx responses:") {
+            wrk.non_2xx = v.trim().parse().unwrap_or(u64::MAX);
+        } else if line.starts_with("Socket errors:") {
+            wrk.socket_errors = line.to_owned();
+        } else if words.len() == 2 && words[0] == "50%" {
+            wrk.p50_us = duration_us(words[1]);
+        } else if words.len() == 2 && words[0] == "99%" {
+            wrk.p99_us = duration_us(words[1]);
+        }
+    }
+    wrk
+}
+
+/// wrk's "123.45us", "1.23ms", "1.00s".
+fn duration_us(text: &str) -> f64 {
+    let split = text
+        .find(|c: char| c.is_ascii_alphabetic())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number.parse().unwrap_or(f64::NAN);
+    match unit {
+        "us" => number,
+        "ms" => number * 1e3,
+        "s" => number * 1e6,
+        "m" => number * 60e6,
+        _ => f64::NAN,
+    }
+}
+
+/// The wrk script for a JSON POST.
+pub fn wrk_script(body: &str, authorization: Option<&str>) -> String {
+    let mut script = format!(
+        "wrk.method = \"POST\"\nwrk.body = '{body}'\nwrk.headers[\"Content-Type\"] = \"application/json\"\n"
+    );
+    if let Some(a) = authorization {
+        script.push_str(&format!("wrk.headers[\"Authorization\"] = \"{a}\"\n"));
+    }
+    script
+}
+
+/// nginx `stub_status` counters: (accepted connections, requests).
+pub fn nginx_status(addr: SocketAddr) -> (u64, u64) {
+    let mut conn = Connection {
+        stream: Stream::Plain(TcpStream::connect(addr).expect("status listener")),
+        buf: Vec::new(),
+    };
+    conn.exchange(b"GET /status HTTP/1.1\r\nHost: status\r\nConnection: close\r\n\r\n")
+        .expect("status");
+    let body = conn.last_body();
+    // "Active connections: 1 \nserver accepts handled requests\n 10 10 20 \n..."
+    let numbers: Vec<u64> = body
+        .lines()
+        .nth(2)
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    (numbers[0], numbers[2])
+}

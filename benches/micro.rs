@@ -1,0 +1,154 @@
+//! Micro benchmarks of the per-token and per-request work, with criterion.
+//!
+//! `cargo bench --bench micro` (see benches/README.md for the targets and the latest results).
+//!
+//! - `token/sign`: [`Signer::sign`], the HS256 signature alone.
+//! - `token/mint`: what a refresh costs: sign, then build the `Bearer` header value the way
+//!   the cache does (format, validate, mark sensitive).
+//! - `request/authorization`: [`TokenCache::authorization`] exactly as the proxy calls it on
+//!   every request: a wall-clock read, an `ArcSwap` load, a `HeaderValue` clone (an `Arc`
+//!   increment, as the value is shared).
+//! - `response/remove_hop_by_hop/nginx`: [`headers::remove_hop_by_hop`] on a response head as
+//!   nginx sends it, ending with `Connection: keep-alive`.
+//! - `floor/*`: the parts of `request/authorization` on their own (the wall-clock read, an
+//!   `ArcSwap` load, a shared `HeaderValue` clone and drop), to tell what the machine allows.
+//! - `request/rewrite/*`: [`headers::rewrite_request`] on a typical request head. Every client
+//!   sends `Host`, which is removed (the client library derives the upstream's), and Python's
+//!   `requests` and Java's `HttpClient` add `Connection: keep-alive`; the map is rebuilt to keep
+//!   the order of the rest.
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
+use http::{HeaderMap, HeaderName, HeaderValue};
+use idmatch_proxy::config::TokenSettings;
+use idmatch_proxy::headers;
+use idmatch_proxy::token::{claims_at, Signer, SystemClock, TokenCache};
+
+/// CM.com's documentation example: a UUID key id and a 54-character secret.
+const KEY_ID: &str = "3b438437-04a4-40bb-8389-54bb02766fba";
+const SECRET: &[u8] = b"AC4Etykn7jusGR5FwLDAtILtQbiQbTMKedP31szXg4WlSbjGEXyNMZ";
+
+fn now() -> Duration {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("the clock is past 1970")
+}
+
+fn token(c: &mut Criterion) {
+    let signer = Signer::new(KEY_ID, SECRET);
+    let claims = claims_at(&TokenSettings::default(), now());
+    let mut group = c.benchmark_group("token");
+    group.bench_function("sign", |b| b.iter(|| signer.sign(black_box(claims))));
+    group.bench_function("mint", |b| {
+        b.iter(|| {
+            let token = signer.sign(black_box(claims));
+            let mut value = HeaderValue::try_from(format!("Bearer {token}"))
+                .expect("base64url and dots are valid header bytes");
+            value.set_sensitive(true);
+            value
+        })
+    });
+    group.finish();
+}
+
+/// Request heads as clients send them to `POST /sim-swap`, in the order they send them.
+fn head(client: &str) -> HeaderMap {
+    let fields: &[(&str, &str)] = match client {
+        "curl" => &[
+            ("host", "127.0.0.1:8080"),
+            ("user-agent", "curl/7.88.1"),
+            ("accept", "*/*"),
+            ("content-type", "application/json"),
+            ("content-length", "51"),
+        ],
+        _ => &[
+            ("host", "127.0.0.1:8080"),
+            ("user-agent", "python-requests/2.31.0"),
+            ("accept-encoding", "gzip, deflate"),
+            ("accept", "*/*"),
+            ("connection", "keep-alive"),
+            ("content-type", "application/json"),
+            ("content-length", "51"),
+        ],
+    };
+    let mut map = HeaderMap::with_capacity(fields.len() + 2);
+    for (name, value) in fields {
+        map.append(
+            HeaderName::from_static(name),
+            HeaderValue::from_static(value),
+        );
+    }
+    // What the observer adds before the proxy sees the request.
+    map.insert(
+        HeaderName::from_static("x-request-id"),
+        HeaderValue::from_static("6f1c2d3e4f5a6b7c0000000000000001"),
+    );
+    map
+}
+
+fn request(c: &mut Criterion) {
+    let cache = TokenCache::new(
+        Signer::new(KEY_ID, SECRET),
+        TokenSettings::default(),
+        Arc::new(SystemClock),
+    );
+    let mut group = c.benchmark_group("request");
+    group.bench_function("authorization", |b| b.iter(|| cache.authorization()));
+    for client in ["curl", "python-requests"] {
+        let authorization = cache.authorization();
+        group.bench_function(format!("rewrite/{client}"), |b| {
+            b.iter_batched_ref(
+                || head(client),
+                |headers| {
+                    headers::rewrite_request(headers, authorization.clone());
+                },
+                BatchSize::SmallInput,
+            )
+        });
+    }
+    group.finish();
+
+    let mut group = c.benchmark_group("response");
+    group.bench_function("remove_hop_by_hop/nginx", |b| {
+        b.iter_batched_ref(
+            || {
+                let mut map = HeaderMap::with_capacity(8);
+                for (name, value) in [
+                    ("server", "nginx/1.22.1"),
+                    ("date", "Tue, 25 Nov 2026 21:00:00 GMT"),
+                    ("content-type", "application/json"),
+                    ("content-length", "70"),
+                    ("connection", "keep-alive"),
+                ] {
+                    map.append(
+                        HeaderName::from_static(name),
+                        HeaderValue::from_static(value),
+                    );
+                }
+                map
+            },
+            headers::remove_hop_by_hop,
+            BatchSize::SmallInput,
+        )
+    });
+    group.finish();
+}
+
+/// The parts of `authorization()`, alone: its cost cannot go below their sum.
+fn floor(c: &mut Criterion) {
+    let mut group = c.benchmark_group("floor");
+    group.bench_function("system_time_now", |b| b.iter(SystemTime::now));
+    let swap = arc_swap::ArcSwap::from_pointee(now());
+    group.bench_function("arc_swap_load", |b| b.iter(|| **swap.load()));
+    let mut value = HeaderValue::try_from(format!("Bearer {}", "x".repeat(200))).unwrap();
+    value.set_sensitive(true);
+    let shared = value.clone();
+    group.bench_function("header_value_clone", |b| b.iter(|| shared.clone()));
+    group.finish();
+}
+
+criterion_group!(benches, token, request, floor);
+criterion_main!(benches);
