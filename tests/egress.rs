@@ -219,6 +219,21 @@ async fn sidecar(upstream_url: &str, pki: &TestPki, settings: &[(&str, &str)]) -
     Proxy::start(&config).await
 }
 
+/// The API mock presenting `pki`'s certificate, an open egress proxy, and a sidecar that
+/// tunnels to the one through the other.
+async fn through_open_proxy(pki: &TestPki) -> (RunningServer, EgressProxy, Proxy) {
+    let upstream = api(pki).await;
+    let egress = EgressProxy::start(Policy::Open).await;
+    let url = egress.url();
+    let proxy = sidecar(
+        &upstream.url(BASE),
+        pki,
+        &[("IDMATCH_UPSTREAM_PROXY", &url)],
+    )
+    .await;
+    (upstream, egress, proxy)
+}
+
 /// A Mobile Identity API call that the mock answers with 200 only if the token is valid.
 fn sim_swap(proxy: &Proxy) -> Request<http_body_util::Full<bytes::Bytes>> {
     post_json(
@@ -280,14 +295,7 @@ async fn requests_reach_the_upstream_through_the_tunnel() {
 #[tokio::test]
 async fn the_egress_proxy_sees_only_ciphertext() {
     let pki = TestPki::localhost();
-    let upstream = api(&pki).await;
-    let egress = EgressProxy::start(Policy::Open).await;
-    let proxy = sidecar(
-        &upstream.url(BASE),
-        &pki,
-        &[("IDMATCH_UPSTREAM_PROXY", &egress.url())],
-    )
-    .await;
+    let (upstream, egress, proxy) = through_open_proxy(&pki).await;
     let answer = send(&http1(), sim_swap(&proxy)).await;
     assert_eq!(answer.status, StatusCode::OK, "{:?}", answer.body);
 
@@ -479,14 +487,7 @@ async fn no_proxy_exempts_the_upstream() {
 #[tokio::test]
 async fn one_tunnel_carries_many_requests() {
     let pki = TestPki::localhost();
-    let upstream = api(&pki).await;
-    let egress = EgressProxy::start(Policy::Open).await;
-    let proxy = sidecar(
-        &upstream.url(BASE),
-        &pki,
-        &[("IDMATCH_UPSTREAM_PROXY", &egress.url())],
-    )
-    .await;
+    let (upstream, egress, proxy) = through_open_proxy(&pki).await;
     let client = http1();
     for _ in 0..5 {
         let answer = send(&client, sim_swap(&proxy)).await;
@@ -505,14 +506,7 @@ async fn one_tunnel_carries_many_requests() {
 async fn the_upstream_certificate_is_checked_through_the_tunnel() {
     // A certificate valid for another name: the proxy is reached, the upstream is not trusted.
     let other = TestPki::new(&["other.example"]);
-    let upstream = api(&other).await;
-    let egress = EgressProxy::start(Policy::Open).await;
-    let proxy = sidecar(
-        &upstream.url(BASE),
-        &other,
-        &[("IDMATCH_UPSTREAM_PROXY", &egress.url())],
-    )
-    .await;
+    let (upstream, egress, proxy) = through_open_proxy(&other).await;
     let answer = send(&http1(), sim_swap(&proxy)).await;
     proxy_502(&answer, "tls_certificate_error");
     assert_eq!(egress.connects().len(), 1);
