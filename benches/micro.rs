@@ -6,12 +6,13 @@
 //! - `token/mint`: what a refresh costs: sign, then build the `Bearer` header value the way
 //!   the cache does (format, validate, mark sensitive).
 //! - `request/authorization`: [`TokenCache::authorization`] exactly as the proxy calls it on
-//!   every request: a wall-clock read, an `ArcSwap` load, a `HeaderValue` clone (an `Arc`
-//!   increment, as the value is shared).
+//!   every request: a coarse wall-clock read, the cache's generation number, the thread's own
+//!   copy of the `HeaderValue` cloned (a reference-count increment) and dropped.
 //! - `response/remove_hop_by_hop/nginx`: [`headers::remove_hop_by_hop`] on a response head as
 //!   nginx sends it, ending with `Connection: keep-alive`.
-//! - `floor/*`: the parts of `request/authorization` on their own (the wall-clock read, an
-//!   `ArcSwap` load, a shared `HeaderValue` clone and drop), to tell what the machine allows.
+//! - `floor/*`: the parts of `request/authorization` on their own (the precise and the coarse
+//!   wall-clock read, an `ArcSwap` load, a shared `HeaderValue` clone and drop), to tell what
+//!   the machine allows.
 //! - `request/rewrite/*`: [`headers::rewrite_request`] on a typical request head. Every client
 //!   sends `Host`, which is removed (the client library derives the upstream's), and Python's
 //!   `requests` and Java's `HttpClient` add `Connection: keep-alive`; the map is rebuilt to keep
@@ -25,7 +26,7 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use http::{HeaderMap, HeaderName, HeaderValue};
 use idmatch_proxy::config::TokenSettings;
 use idmatch_proxy::headers;
-use idmatch_proxy::token::{claims_at, Signer, SystemClock, TokenCache};
+use idmatch_proxy::token::{claims_at, Clock, Signer, SystemClock, TokenCache};
 
 /// CM.com's documentation example: a UUID key id and a 54-character secret.
 const KEY_ID: &str = "3b438437-04a4-40bb-8389-54bb02766fba";
@@ -141,6 +142,7 @@ fn request(c: &mut Criterion) {
 fn floor(c: &mut Criterion) {
     let mut group = c.benchmark_group("floor");
     group.bench_function("system_time_now", |b| b.iter(SystemTime::now));
+    group.bench_function("system_clock", |b| b.iter(|| SystemClock.now()));
     let swap = arc_swap::ArcSwap::from_pointee(now());
     group.bench_function("arc_swap_load", |b| b.iter(|| **swap.load()));
     let mut value = HeaderValue::try_from(format!("Bearer {}", "x".repeat(200))).unwrap();
