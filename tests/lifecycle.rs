@@ -38,16 +38,23 @@ fn env_for(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_under_steady_load_loses_no_request() {
+    sigterm_under_steady_load(&[]).await;
+}
+
+/// One worker runs on a current-thread runtime (a sidecar with one CPU): the same guarantees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_steady_load_loses_no_request_with_one_worker() {
+    sigterm_under_steady_load(&[("IDMATCH_WORKER_THREADS", "1")]).await;
+}
+
+async fn sigterm_under_steady_load(extra: &[(&str, &str)]) {
     let pki = TestPki::localhost();
     let upstream = upstream(&pki, Duration::from_millis(20)).await;
-    let (_config, env) = env_for(
-        &upstream,
-        &pki,
-        &[
-            ("IDMATCH_DRAIN_DELAY", "1500ms"),
-            ("IDMATCH_SHUTDOWN_TIMEOUT", "5s"),
-        ],
-    );
+    let settings = [
+        ("IDMATCH_DRAIN_DELAY", "1500ms"),
+        ("IDMATCH_SHUTDOWN_TIMEOUT", "5s"),
+    ];
+    let (_config, env) = env_for(&upstream, &pki, &[&settings[..], extra].concat());
     let mut proxy = Binary::serve(&env);
     let client = http1();
     let url = proxy.url("/sim-swap");
