@@ -254,14 +254,6 @@ fn proxy_502(answer: &Answer, code: &str) -> String {
     body["error"]["message"].as_str().unwrap().to_owned()
 }
 
-/// An address where nothing listens: bound, learned, closed.
-fn closed_port() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
 #[tokio::test]
 async fn requests_reach_the_upstream_through_the_tunnel() {
     let pki = TestPki::localhost();
@@ -407,18 +399,18 @@ async fn a_proxy_refusing_the_tunnel_is_a_502_naming_its_status() {
 async fn proxy_down_is_a_502_naming_the_proxy() {
     let pki = TestPki::localhost();
     let upstream = api(&pki).await;
-    let down = closed_port();
+    let down = refusing_port();
     let proxy = sidecar(
         &upstream.url(BASE),
         &pki,
-        &[("HTTPS_PROXY", &format!("http://{down}"))],
+        &[("HTTPS_PROXY", &format!("http://{}", down.addr))],
     )
     .await;
     let answer = send(&http1(), sim_swap(&proxy)).await;
     // Not `connection_refused`, which would blame the upstream.
     let message = proxy_502(&answer, "destination_unavailable");
     assert!(
-        message.starts_with(&format!("cannot connect to the egress proxy {down}")),
+        message.starts_with(&format!("cannot connect to the egress proxy {}", down.addr)),
         "{message}"
     );
     assert_eq!(upstream.connections_accepted(), 0);

@@ -164,12 +164,9 @@ async fn healthcheck_command_follows_readiness() {
     );
     assert!(healthcheck(&[], &from_config).status.success());
 
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let closed = refusing_port();
     let down = healthcheck(
-        &["--url".into(), format!("http://{closed}/readyz")],
+        &["--url".into(), format!("http://{}/readyz", closed.addr)],
         &HashMap::new(),
     );
     assert_eq!(down.status.code(), Some(1));

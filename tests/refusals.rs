@@ -136,12 +136,8 @@ async fn forged_host_and_authority_change_nothing() {
 #[tokio::test]
 async fn upstream_down_is_a_json_502() {
     let pki = TestPki::localhost();
-    // Bind, learn the port, close: nothing listens there any more.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let config = ProxyConfig::new(&format!("https://{closed}{BASE}"), &pki);
+    let closed = refusing_port();
+    let config = ProxyConfig::new(&format!("https://{}{BASE}", closed.addr), &pki);
     let proxy = Proxy::start(&config).await;
     let answer = send(&http1(), post_json(&proxy.url("/sim-swap"), json!({}))).await;
     assert_proxy_error(&answer, StatusCode::BAD_GATEWAY, "connection_refused");

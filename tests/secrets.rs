@@ -194,10 +194,7 @@ async fn no_credential_leaves_except_in_the_authorization_sent_to_the_configured
     let h1 = upstream(&pki, &[b"http/1.1"]).await;
     // Same host, another CA: the proxy must refuse it before sending anything.
     let untrusted = upstream(&TestPki::localhost(), &[b"h2", b"http/1.1"]).await;
-    let refused = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let refused = refusing_port();
 
     let secret_dir = tempfile::tempdir().unwrap();
     let secret_file = secret_dir.path().join("secret");
@@ -226,7 +223,7 @@ async fn no_credential_leaves_except_in_the_authorization_sent_to_the_configured
         ),
         (
             "refused upstream",
-            Binary::serve(&serving(&format!("https://{refused}{BASE}")).env),
+            Binary::serve(&serving(&format!("https://{}{BASE}", refused.addr)).env),
         ),
     ];
     let [proxy, proxy_h1, proxy_untrusted, proxy_refused] =

@@ -368,3 +368,19 @@ pub fn rss_kib(pid: u32) -> u64 {
     let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
     line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
+
+/// A port where connections are refused, held for as long as the value lives: bound but not
+/// listening, so that no other test's listener can take it meanwhile.
+pub struct Refusing {
+    pub addr: SocketAddr,
+    _socket: tokio::net::TcpSocket,
+}
+
+pub fn refusing_port() -> Refusing {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    Refusing {
+        addr: socket.local_addr().unwrap(),
+        _socket: socket,
+    }
+}
