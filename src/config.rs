@@ -111,6 +111,9 @@ pub struct Upstream {
     /// Request bodies up to this size are kept so that a request can be replayed once (after a
     /// 401, or a connection that failed before the request was written).
     pub replay_buffer_bytes: usize,
+    /// Requests sent to the upstream at once; more wait for one to finish. Each HTTP/1.1
+    /// request in flight holds a TLS connection, and CM.com allows one request per second.
+    pub max_in_flight: usize,
 }
 
 impl Upstream {
@@ -364,6 +367,7 @@ enum Key {
     UpstreamProxy,
     UpstreamNoProxy,
     UpstreamReplayBufferBytes,
+    UpstreamMaxInFlight,
     CredentialsKeyId,
     CredentialsKeyIdFile,
     CredentialsSecretFile,
@@ -402,7 +406,7 @@ enum Toml {
 
 impl Key {
     /// The order of `Loaded::effective`, as in the example file.
-    const ALL: [Key; 30] = [
+    const ALL: [Key; 31] = [
         Key::Listen,
         Key::AdminListen,
         Key::DrainDelay,
@@ -417,6 +421,7 @@ impl Key {
         Key::UpstreamProxy,
         Key::UpstreamNoProxy,
         Key::UpstreamReplayBufferBytes,
+        Key::UpstreamMaxInFlight,
         Key::CredentialsKeyId,
         Key::CredentialsKeyIdFile,
         Key::CredentialsSecretFile,
@@ -454,6 +459,7 @@ impl Key {
             Key::UpstreamProxy => row("upstream.proxy", "IDMATCH_UPSTREAM_PROXY", None, Str(PROXY)),
             Key::UpstreamNoProxy => row("upstream.no_proxy", "IDMATCH_UPSTREAM_NO_PROXY", None, Str(NO_PROXY)),
             Key::UpstreamReplayBufferBytes => row("upstream.replay_buffer_bytes", "IDMATCH_UPSTREAM_REPLAY_BUFFER_BYTES", Some("64KiB"), Str(SIZE)),
+            Key::UpstreamMaxInFlight => row("upstream.max_in_flight", "IDMATCH_UPSTREAM_MAX_IN_FLIGHT", Some("64"), Str(COUNT)),
             Key::CredentialsKeyId => row("credentials.key_id", "IDMATCH_KEY_ID", None, Str(TEXT)),
             Key::CredentialsKeyIdFile => row("credentials.key_id_file", "IDMATCH_KEY_ID_FILE", None, Str(PATH)),
             Key::CredentialsSecretFile => row("credentials.secret_file", "IDMATCH_SECRET_FILE", None, Str(PATH)),
@@ -724,6 +730,7 @@ impl Layers {
                 .is_some_and(|list| no_proxy_matches(list, authority.host()))
         });
         let replay_buffer_bytes = self.value(Key::UpstreamReplayBufferBytes, size)?;
+        let max_in_flight = self.value(Key::UpstreamMaxInFlight, count)?;
         let reload_interval = self.value(Key::CredentialsReloadInterval, timeout)?;
         let token = TokenSettings {
             lifetime: self.value(Key::TokenLifetime, |t| whole_seconds(t).and_then(nonzero))?,
@@ -797,6 +804,7 @@ impl Layers {
                 response_timeout,
                 proxy,
                 replay_buffer_bytes,
+                max_in_flight,
             },
             credentials: Credentials {
                 key_id,
@@ -920,6 +928,7 @@ impl Layers {
                         .get(Key::UpstreamNoProxy)
                         .map_or_else(|| "(none)".into(), |(text, _)| text.to_owned()),
                     Key::UpstreamReplayBufferBytes => upstream.replay_buffer_bytes.to_string(),
+                    Key::UpstreamMaxInFlight => upstream.max_in_flight.to_string(),
                     Key::CredentialsKeyIdFile => path(&config.credentials.key_id_file),
                     Key::CredentialsReloadInterval => {
                         show_duration(config.credentials.reload_interval)
@@ -1805,7 +1814,8 @@ mod tests {
                  admin.listen, drain_delay, shutdown_timeout, worker_threads, upstream.url, \
                  upstream.roots, upstream.ca_file, upstream.allow_insecure_http, \
                  upstream.connect_timeout, upstream.response_timeout, upstream.proxy, \
-                 upstream.no_proxy, upstream.replay_buffer_bytes, credentials.key_id, \
+                 upstream.no_proxy, upstream.replay_buffer_bytes, upstream.max_in_flight, \
+                 credentials.key_id, \
                  credentials.key_id_file, credentials.secret_file, credentials.reload_interval, \
                  token.lifetime, token.refresh_before, token.margin, token.backdate, \
                  client.header_timeout, client.idle_timeout, client.max_header_bytes, \
@@ -2168,7 +2178,7 @@ mod tests {
              [admin]\nlisten = \"0.0.0.0:9000\"\n\
              [client]\nmax_header_bytes = \"32KiB\"\nmax_in_flight = \"7\"\nmax_body_bytes = \"1MiB\"\n\
              [log]\nformat = \"pretty\"\nredact_query = false\n\
-             [upstream]\nreplay_buffer_bytes = \"0\"",
+             [upstream]\nreplay_buffer_bytes = \"0\"\nmax_in_flight = \"3\"",
             &[],
         );
         assert_eq!(config.admin_listen, "0.0.0.0:9000".parse().unwrap());
@@ -2185,11 +2195,13 @@ mod tests {
             }
         );
         assert_eq!(config.upstream.replay_buffer_bytes, 0);
+        assert_eq!(config.upstream.max_in_flight, 3);
 
         let defaults = load(None, &env_with(&[])).unwrap().config;
         assert_eq!(defaults.worker_threads, None);
         assert_eq!(defaults.client.max_body_bytes, None);
         assert_eq!(defaults.upstream.replay_buffer_bytes, 64 * 1024);
+        assert_eq!(defaults.upstream.max_in_flight, 64);
 
         for (var, value, wanted) in [
             ("IDMATCH_CLIENT_MAX_HEADER_BYTES", "12kb", "a size in bytes"),

@@ -68,6 +68,12 @@ pub enum ProxyError {
     UpstreamProtocol(&'static str),
     #[error("too many requests in flight; retry shortly")]
     Overloaded,
+    /// `upstream.max_in_flight` requests were in flight and none finished in time.
+    #[error("{limit} requests to the upstream were in flight (upstream.max_in_flight) and none finished within {waited:?}; retry shortly")]
+    UpstreamBusy {
+        limit: usize,
+        waited: std::time::Duration,
+    },
 }
 
 impl ProxyError {
@@ -134,7 +140,7 @@ impl ProxyError {
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::RequestBodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::ConnectTimeout | Self::ResponseTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
-            Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Overloaded | Self::UpstreamBusy { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::Dns(_)
             | Self::ConnectionRefused
             | Self::TlsCertificate(_)
@@ -169,7 +175,7 @@ impl ProxyError {
             Self::Terminated(_) => "connection_terminated",
             Self::UpstreamProtocol(_) => "http_protocol_error",
             // RFC 9209's nearest: a configured limit of the proxy was reached.
-            Self::Overloaded => "connection_limit_reached",
+            Self::Overloaded | Self::UpstreamBusy { .. } => "connection_limit_reached",
         }
     }
 

@@ -82,6 +82,8 @@ pub struct Metrics {
     /// From request head received to the upstream's response head.
     pub upstream_ttfb: Histogram,
     pub in_flight: Gauge,
+    /// Requests waiting for one of the `upstream.max_in_flight` slots.
+    pub upstream_waiting: Gauge,
     /// Responses the proxy made itself, by RFC 9209 error type.
     pub proxy_errors: Family<ErrorLabels, Counter>,
     /// Failures to connect to the upstream (DNS, TCP, TLS, timeout), by error type.
@@ -105,6 +107,7 @@ impl Metrics {
             request_duration: latency(),
             upstream_ttfb: latency(),
             in_flight: Gauge::default(),
+            upstream_waiting: Gauge::default(),
             proxy_errors: Family::default(),
             upstream_connect_errors: Family::default(),
             retries: Family::default(),
@@ -133,6 +136,11 @@ impl Metrics {
             "requests_in_flight",
             "Requests being handled now",
             metrics.in_flight.clone(),
+        );
+        registry.register(
+            "upstream_requests_waiting",
+            "Requests waiting because upstream.max_in_flight requests to the upstream are in flight",
+            metrics.upstream_waiting.clone(),
         );
         registry.register(
             "proxy_errors",

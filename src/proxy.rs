@@ -27,7 +27,8 @@ use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, V
 use http_body_util::{BodyExt, Either, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::client::legacy;
-use tokio::sync::oneshot;
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
 use crate::config::Config;
 use crate::error::ProxyError;
@@ -69,6 +70,10 @@ pub struct Proxy {
     body_timeout: Duration,
     tokens: Arc<TokenCache>,
     metrics: Arc<Metrics>,
+    /// `upstream.max_in_flight` permits; a request holds one from just before its token is
+    /// taken until its response body ends.
+    upstream_slots: Arc<Semaphore>,
+    max_in_flight: usize,
 }
 
 impl Proxy {
@@ -90,6 +95,8 @@ impl Proxy {
             body_timeout: config.client.header_timeout,
             tokens,
             metrics,
+            upstream_slots: Arc::new(Semaphore::new(upstream.max_in_flight)),
+            max_in_flight: upstream.max_in_flight,
         }
     }
 
@@ -101,8 +108,8 @@ impl Proxy {
     ) -> Response<ProxyBody> {
         let body_pending = request.version() < Version::HTTP_2 && !request.body().is_end_stream();
         match self.forward(request, local).await {
-            Ok(response) => {
-                response.map(|body| Either::Left(Watched::new(body, self.response_timeout)))
+            Ok((response, slot)) => {
+                response.map(|body| Either::Left(Watched::new(body, self.response_timeout, slot)))
             }
             Err(error) => {
                 self.count_connect_error(&error);
@@ -128,7 +135,7 @@ impl Proxy {
         &self,
         request: Request<Incoming>,
         local: SocketAddr,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<(Response<Incoming>, OwnedSemaphorePermit), ProxyError> {
         // CONNECT would make us a tunnel anywhere; TRACE would echo our token to the client
         // (RFC 9110 §9.3.8 warns of exactly that).
         if matches!(*request.method(), Method::CONNECT | Method::TRACE) {
@@ -164,6 +171,7 @@ impl Proxy {
         let uri = self.upstream_uri(request.uri())?;
         let version = request.version();
         let (mut parts, body) = request.into_parts();
+        let slot;
         let response = match length.filter(|&n| n <= self.replay_buffer_bytes) {
             Some(length) => {
                 // Read before taking the token, so that a slow upload does not use up its
@@ -172,6 +180,7 @@ impl Proxy {
                 let body = tokio::time::timeout(self.body_timeout, collect(body, length))
                     .await
                     .map_err(|_| ProxyError::RequestBodyTimeout(self.body_timeout))??;
+                slot = self.upstream_slot().await?;
                 let authorization = self.rewrite(&mut parts.headers);
                 let kept = Kept {
                     method: parts.method,
@@ -182,6 +191,7 @@ impl Proxy {
                 self.forward_kept(kept, &authorization).await?
             }
             None => {
+                slot = self.upstream_slot().await?;
                 let authorization = self.rewrite(&mut parts.headers);
                 parts.uri = uri;
                 // The pooled connection may be HTTP/1.1 or h2, whatever the client spoke: the
@@ -210,7 +220,25 @@ impl Proxy {
                 .insert(CONNECTION, HeaderValue::from_static("close"));
         }
         parts.version = Version::HTTP_11;
-        Ok(Response::from_parts(parts, body))
+        Ok((Response::from_parts(parts, body), slot))
+    }
+
+    /// Waits, at most `upstream.response_timeout`, until fewer than `upstream.max_in_flight`
+    /// requests are in flight to the upstream.
+    async fn upstream_slot(&self) -> Result<OwnedSemaphorePermit, ProxyError> {
+        if let Ok(slot) = self.upstream_slots.clone().try_acquire_owned() {
+            return Ok(slot);
+        }
+        let wait = self.upstream_slots.clone().acquire_owned();
+        let _waiting = Waiting::new(&self.metrics.upstream_waiting);
+        match tokio::time::timeout(self.response_timeout, wait).await {
+            Ok(Ok(slot)) => Ok(slot),
+            // The semaphore is never closed: only the timeout gets here.
+            Ok(Err(_)) | Err(_) => Err(ProxyError::UpstreamBusy {
+                limit: self.max_in_flight,
+                waited: self.response_timeout,
+            }),
+        }
     }
 
     /// The upstream's request headers (see [`headers::rewrite_request`]); returns the
@@ -431,6 +459,23 @@ pub struct Streamed {
     ended: Arc<AtomicBool>,
 }
 
+/// Counts a request as waiting for an upstream slot until dropped, however the wait ends (the
+/// client may go away).
+struct Waiting(Gauge);
+
+impl Waiting {
+    fn new(gauge: &Gauge) -> Self {
+        gauge.inc();
+        Self(gauge.clone())
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// Marks an upstream response that came before the client's body ended.
 #[derive(Clone, Copy)]
 struct BodyLeftUnread;
@@ -525,6 +570,8 @@ impl Body for Streamed {
 /// Only time spent waiting on the upstream counts, never time the client takes to read.
 pub struct Watched {
     body: Incoming,
+    /// Released when the body ends or fails, for the next request to the upstream.
+    slot: Option<OwnedSemaphorePermit>,
     timeout: Duration,
     /// Made at the first wait, then reused: a body that arrives with its head never needs it.
     silence: Option<Pin<Box<tokio::time::Sleep>>>,
@@ -538,9 +585,10 @@ pub struct Watched {
 pub struct BodyTimeout(Duration);
 
 impl Watched {
-    fn new(body: Incoming, timeout: Duration) -> Self {
+    fn new(body: Incoming, timeout: Duration, slot: OwnedSemaphorePermit) -> Self {
         Self {
             body,
+            slot: Some(slot),
             timeout,
             silence: None,
             waiting: false,
@@ -559,6 +607,9 @@ impl Body for Watched {
         let this = &mut *self;
         if let Poll::Ready(frame) = Pin::new(&mut this.body).poll_frame(cx) {
             this.waiting = false;
+            if !matches!(frame, Some(Ok(_))) {
+                this.slot = None;
+            }
             return Poll::Ready(frame.map(|frame| frame.map_err(Into::into)));
         }
         let deadline = tokio::time::Instant::now() + this.timeout;

@@ -2,7 +2,11 @@
 
 mod support;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use bytes::Bytes;
 
 use http::{Request, StatusCode};
 use idmatch_mock::server::json;
@@ -117,11 +121,9 @@ async fn metrics_count_requests_errors_and_tokens_without_paths_or_secrets() {
 #[tokio::test]
 async fn connect_errors_are_counted_by_kind() {
     let pki = TestPki::localhost();
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let proxy = Proxy::start(&ProxyConfig::new(&format!("https://{closed}{BASE}"), &pki)).await;
+    let closed = refusing_port();
+    let upstream = format!("https://{}{BASE}", closed.addr);
+    let proxy = Proxy::start(&ProxyConfig::new(&upstream, &pki)).await;
     let client = http1();
     assert_eq!(
         send(&client, get(&proxy.url("/x"))).await.status,
@@ -221,6 +223,158 @@ async fn beyond_max_in_flight_requests_get_an_immediate_503() {
         StatusCode::OK
     );
     assert_eq!(upstream.request_count(), 3);
+}
+
+#[tokio::test]
+async fn upstream_max_in_flight_queues_the_rest_and_keeps_the_limit_full() {
+    let pki = TestPki::localhost();
+    let (now, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (at_upstream, peak) = (now.clone(), most.clone());
+    let upstream = Upstream::builder()
+        .tls(&pki)
+        .handler(move |_: Request<hyper::body::Incoming>| {
+            let (now, most) = (at_upstream.clone(), peak.clone());
+            async move {
+                most.fetch_max(now.fetch_add(1, Ordering::SeqCst) + 1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                now.fetch_sub(1, Ordering::SeqCst);
+                json(StatusCode::OK, json!({}))
+            }
+        })
+        .start()
+        .await;
+    let config =
+        ProxyConfig::new(&upstream.url(BASE), &pki).set("IDMATCH_UPSTREAM_MAX_IN_FLIGHT", "2");
+    let proxy = Proxy::start(&config).await;
+    let client = http1();
+    let requests: Vec<_> = (0..10)
+        .map(|i| {
+            let (client, url) = (client.clone(), proxy.url(&format!("/r{i}")));
+            tokio::spawn(async move { send(&client, get(&url)).await.status })
+        })
+        .collect();
+    for request in requests {
+        assert_eq!(request.await.unwrap(), StatusCode::OK);
+    }
+    assert_eq!(upstream.request_count(), 10);
+    // Never more than the limit, and the limit used: ten 50 ms requests, two at a time.
+    assert_eq!(most.load(Ordering::SeqCst), 2);
+    assert!(
+        upstream.connections_accepted() <= 3,
+        "{}",
+        upstream.connections_accepted()
+    );
+}
+
+/// A response body of `bytes` bytes, one every 100 ms: never silent for long enough to time out,
+/// and held open all that time.
+struct Trickle(tokio::sync::mpsc::Receiver<Bytes>);
+
+impl hyper::body::Body for Trickle {
+    type Data = Bytes;
+    type Error = idmatch_mock::server::BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|c| Ok(hyper::body::Frame::data(c))))
+    }
+}
+
+fn trickle(bytes: usize) -> idmatch_mock::server::Body {
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(async move {
+        for _ in 0..bytes {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if tx.send(Bytes::from_static(b" ")).await.is_err() {
+                return;
+            }
+        }
+    });
+    http_body_util::BodyExt::boxed(Trickle(rx))
+}
+
+async fn gauge_reaches(admin: std::net::SocketAddr, gauge: &str, value: f64) {
+    let polled = tokio::time::timeout(Duration::from_secs(5), async {
+        while scrape(admin, gauge).await != value {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    assert!(polled.await.is_ok(), "{gauge} never reached {value}");
+}
+
+#[tokio::test]
+async fn a_request_waits_for_an_upstream_slot_at_most_the_response_timeout() {
+    let pki = TestPki::localhost();
+    let upstream = Upstream::builder()
+        .tls(&pki)
+        .handler(|request: Request<hyper::body::Incoming>| async move {
+            let body = match request.uri().path() {
+                "/mobile-identity/v1/long" => trickle(15),
+                _ => idmatch_mock::server::full("{}"),
+            };
+            http::Response::new(body)
+        })
+        .start()
+        .await;
+    let config = ProxyConfig::new(&upstream.url(BASE), &pki)
+        .set("IDMATCH_UPSTREAM_MAX_IN_FLIGHT", "1")
+        .set("IDMATCH_UPSTREAM_RESPONSE_TIMEOUT", "400ms");
+    let proxy = Proxy::start(&config).await;
+    let client = http1();
+    // The head has come; the slot stays taken until the body ends, 1.5 s later.
+    let long = client.request(get(&proxy.url("/long"))).await.unwrap();
+    assert_eq!(long.status(), StatusCode::OK);
+    let long = tokio::spawn(collect(long));
+
+    // A client that gives up while waiting is no longer counted.
+    let impatient = tokio::time::timeout(
+        Duration::from_millis(100),
+        client.request(get(&proxy.url("/impatient"))),
+    );
+    assert!(impatient.await.is_err());
+    let waiting = "idmatch_proxy_upstream_requests_waiting";
+    gauge_reaches(proxy.admin, waiting, 0.0).await;
+
+    let started = Instant::now();
+    let queued = tokio::spawn({
+        let (client, url) = (client.clone(), proxy.url("/queued"));
+        async move { send(&client, get(&url)).await }
+    });
+    gauge_reaches(proxy.admin, waiting, 1.0).await;
+    let queued = queued.await.unwrap();
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(scrape(proxy.admin, waiting).await, 0.0);
+    assert_eq!(
+        queued.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{:?}",
+        queued.body
+    );
+    assert_eq!(
+        queued.headers["proxy-status"],
+        "idmatch-proxy; error=connection_limit_reached"
+    );
+    let message = queued.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(message.contains("upstream.max_in_flight"), "{message}");
+    assert_eq!(upstream.request_count(), 1, "the queued request never left");
+
+    // The end of the long body frees the slot.
+    assert_eq!(long.await.unwrap().body.len(), 15);
+    assert_eq!(
+        send(&client, get(&proxy.url("/after"))).await.status,
+        StatusCode::OK
+    );
 }
 
 #[tokio::test]

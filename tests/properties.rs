@@ -453,7 +453,7 @@ fn upstream_uri_is_the_configured_origin_then_base_path_then_target_byte_for_byt
 // === The config parser ===
 
 /// Every environment variable the proxy reads, but the secret (set by the case itself).
-const ENV_KEYS: [&str; 35] = [
+const ENV_KEYS: [&str; 36] = [
     "IDMATCH_LISTEN",
     "IDMATCH_ADMIN_LISTEN",
     "IDMATCH_DRAIN_DELAY",
@@ -468,6 +468,7 @@ const ENV_KEYS: [&str; 35] = [
     "IDMATCH_UPSTREAM_PROXY",
     "IDMATCH_UPSTREAM_NO_PROXY",
     "IDMATCH_UPSTREAM_REPLAY_BUFFER_BYTES",
+    "IDMATCH_UPSTREAM_MAX_IN_FLIGHT",
     "IDMATCH_KEY_ID",
     "IDMATCH_KEY_ID_FILE",
     "IDMATCH_SECRET_FILE",
