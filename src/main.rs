@@ -111,11 +111,15 @@ fn serve(loaded: Loaded) -> ExitCode {
         builder.worker_threads(workers);
         builder
     };
-    let runtime = match builder.enable_all().build() {
+    let runtime = match builder
+        .enable_all()
+        .on_thread_park(telemetry::flush)
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(error) => return fail(1, format!("cannot start the runtime: {error}")),
     };
-    runtime.block_on(async {
+    let exit = runtime.block_on(async {
         let server = match Server::new(config) {
             Ok(server) => server,
             Err(error) => return fail(EXIT_CONFIG, error),
@@ -137,7 +141,9 @@ fn serve(loaded: Loaded) -> ExitCode {
         server.serve(listeners, stop_signals()).await;
         tracing::info!("stopped");
         ExitCode::SUCCESS
-    })
+    });
+    telemetry::flush();
+    exit
 }
 
 async fn bind(loaded: &Loaded) -> Result<Listeners, String> {
@@ -173,6 +179,7 @@ async fn stop_signals() {
             _ = int.recv() => "SIGINT",
         };
         tracing::warn!(signal = name, "second stop signal: exiting now");
+        telemetry::flush();
         std::process::exit(EXIT_FORCED);
     });
 }

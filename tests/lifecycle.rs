@@ -242,3 +242,63 @@ async fn one_access_log_line_per_request_with_the_query_redacted() {
         "a phone number reached the logs"
     );
 }
+
+/// Lines are collected per runtime thread and written in batches: under a burst none is lost,
+/// cut or interleaved, each comes out while the proxy runs, and the last ones on exit.
+async fn every_line_of_a_burst_arrives_whole(workers: &str) {
+    let pki = TestPki::localhost();
+    let upstream = upstream(&pki, Duration::ZERO).await;
+    let (_config, env) = env_for(&upstream, &pki, &[("IDMATCH_WORKER_THREADS", workers)]);
+    let mut proxy = Binary::serve(&env);
+    let client = http1();
+    let burst: Vec<_> = (0..300)
+        .map(|i| {
+            let request = Request::get(proxy.url(&format!("/burst/{i}")))
+                .header("x-request-id", format!("burst-{i}"))
+                .body(http_body_util::Full::new(bytes::Bytes::new()))
+                .unwrap();
+            let client = client.clone();
+            tokio::spawn(async move { client.request(request).await.unwrap().status() })
+        })
+        .collect();
+    for request in burst {
+        assert_eq!(request.await.unwrap(), StatusCode::OK);
+    }
+    let access_ids = |logs: &[String]| -> Vec<String> {
+        logs.iter()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("a whole JSON line"))
+            .filter(|e| e["target"] == "idmatch_proxy::access")
+            .map(|e| e["request_id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    // Out while the proxy runs: it went idle after the burst.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while access_ids(&proxy.logs()).len() < 300 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(access_ids(&proxy.logs()).len(), 300);
+
+    proxy.signal("TERM");
+    let (status, logs) = proxy.finish(Duration::from_secs(10));
+    assert!(status.success(), "{status:?}");
+    let mut ids = access_ids(&logs);
+    ids.sort_unstable();
+    let mut expected: Vec<String> = (0..300).map(|i| format!("burst-{i}")).collect();
+    expected.sort_unstable();
+    assert_eq!(ids, expected);
+    assert!(
+        logs.last().unwrap().contains("\"stopped\""),
+        "{:?}",
+        logs.last()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_line_of_a_burst_arrives_whole_with_one_worker() {
+    every_line_of_a_burst_arrives_whole("1").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_line_of_a_burst_arrives_whole_with_two_workers() {
+    every_line_of_a_burst_arrives_whole("2").await;
+}
