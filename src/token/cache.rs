@@ -78,6 +78,7 @@ impl Window {
     }
 }
 
+/// 0 is no token's: a thread's copy starts with it.
 static NEXT_GENERATION: AtomicU64 = AtomicU64::new(1);
 
 /// A worker thread's copy of the current token.
@@ -88,7 +89,16 @@ struct Local {
 }
 
 thread_local! {
-    static LOCAL: RefCell<Option<Local>> = const { RefCell::new(None) };
+    static LOCAL: RefCell<Local> = const {
+        RefCell::new(Local {
+            generation: 0,
+            window: Window {
+                usable_from: Duration::ZERO,
+                usable_until: Duration::ZERO,
+            },
+            authorization: HeaderValue::from_static(""),
+        })
+    };
 }
 
 /// Counts of signings, by who did them.
@@ -143,11 +153,11 @@ impl TokenCache {
         let now = self.clock.now();
         let generation = self.generation.load(Ordering::Acquire);
         LOCAL.with(|local| {
-            if let Some(local) = &*local.borrow() {
-                if local.generation == generation && local.window.contains(now) {
-                    return local.authorization.clone();
-                }
+            let local = local.borrow();
+            if local.generation == generation && local.window.contains(now) {
+                return local.authorization.clone();
             }
+            drop(local);
             self.authorization_slow(now)
         })
     }
@@ -168,11 +178,11 @@ impl TokenCache {
         let mut authorization = HeaderValue::from_bytes(current.authorization.as_bytes())
             .expect("copied from a valid header value");
         authorization.set_sensitive(true);
-        LOCAL.set(Some(Local {
+        LOCAL.set(Local {
             generation: current.generation,
             window: current.window,
             authorization: authorization.clone(),
-        }));
+        });
         authorization
     }
 
