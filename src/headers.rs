@@ -68,13 +68,23 @@ fn strip(headers: &mut HeaderMap, request: bool) {
 }
 
 /// The fields that `Connection` declares hop-by-hop. Split as bytes: an element that is not a
-/// token (obs-text, say) names nothing, but must not hide the names beside it.
+/// token (obs-text, say) names nothing, but must not hide the names beside it. The usual
+/// options cost no allocation: `keep-alive` is on the fixed list already, `close` is static.
 fn connection_named(headers: &HeaderMap) -> Vec<HeaderName> {
+    static CLOSE: HeaderName = HeaderName::from_static("close");
     headers
         .get_all(CONNECTION)
         .iter()
         .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim_ascii()).ok())
+        .map(<[u8]>::trim_ascii)
+        .filter(|name| !name.eq_ignore_ascii_case(b"keep-alive"))
+        .filter_map(|name| {
+            if name.eq_ignore_ascii_case(b"close") {
+                Some(CLOSE.clone())
+            } else {
+                HeaderName::from_bytes(name).ok()
+            }
+        })
         .collect()
 }
 
@@ -133,6 +143,22 @@ mod tests {
         ]);
         remove_hop_by_hop(&mut headers);
         assert_eq!(pairs(&headers), [("x-end-to-end".into(), "4".into())]);
+    }
+
+    /// The options that are not looked up as names still remove what they name.
+    #[test]
+    fn keep_alive_and_close_in_any_case_name_their_fields_too() {
+        let mut headers = map(&[
+            ("close", "1"),
+            ("keep-alive", "timeout=5"),
+            ("content-type", "application/json"),
+            ("connection", "Keep-Alive, CLOSE"),
+        ]);
+        remove_hop_by_hop(&mut headers);
+        assert_eq!(
+            pairs(&headers),
+            [("content-type".into(), "application/json".into())]
+        );
     }
 
     #[test]
