@@ -58,8 +58,11 @@ struct Settings {
     targets: Vec<Kind>,
     /// `BENCH_RATES`: fixed rates instead of 5/25/50 % of idmatch-proxy's maximum.
     rates: Option<Vec<u64>>,
-    /// `BENCH_SKIP`: phases to leave out: start, max, latency, upload.
+    /// `BENCH_SKIP`: phases to leave out: start, max, rounds, latency, upload.
     skip: Vec<String>,
+    /// `BENCH_ROUNDS`: interleaved repeats of the maximum for idmatch-proxy, the peer and
+    /// static nginx, whose median ratios do not hang on one run's luck.
+    rounds: usize,
 }
 
 /// A comma-separated variable.
@@ -106,6 +109,7 @@ impl Settings {
                     .collect()
             }),
             skip: list("BENCH_SKIP").unwrap_or_default(),
+            rounds: var("BENCH_ROUNDS", if quick { 2 } else { 3 }) as usize,
         }
     }
 }
@@ -241,6 +245,9 @@ fn main() {
             .iter()
             .find(|r| r.kind == Kind::Proxy { access_log: false })
             .map(|r| r.max.wrk.rps);
+    }
+    if bench.settings.runs("rounds") {
+        bench.rounds();
     }
     if bench.settings.runs("latency") {
         let rates = match (&bench.settings.rates, base) {
@@ -825,6 +832,85 @@ impl Bench {
                 ours.max.wrk.rps / fixed,
             );
         }
+    }
+
+    /// The maximum again, `BENCH_ROUNDS` times, idmatch-proxy, the peer and static nginx in
+    /// turn, each freshly started and warmed: on a shared VM the same binary's CPU per request
+    /// moves by ±10 % from one run to the next, so the ratios are given per round and as medians.
+    fn rounds(&mut self) {
+        let kinds: Vec<Kind> = [
+            Kind::Proxy { access_log: false },
+            Kind::NginxNjs,
+            Kind::NginxStatic,
+        ]
+        .into_iter()
+        .filter(|k| self.settings.targets.contains(k))
+        .collect();
+        if kinds.len() < 2 || self.settings.rounds == 0 {
+            return;
+        }
+        let (connections, secs) = (self.settings.connections, self.settings.max_secs);
+        let mut rounds: Vec<Vec<(f64, f64)>> = Vec::new();
+        for round in 1..=self.settings.rounds {
+            println!("rounds: {round} of {}", self.settings.rounds);
+            let mut cpu = Vec::new();
+            for &kind in &kinds {
+                let sut = match self.start_sut(kind) {
+                    Ok(sut) => sut,
+                    Err(error) => return self.failed(kind, &error),
+                };
+                let _ = load::wrk(&sut.url, &sut.script, connections, 2);
+                let run = self.measure_max(&sut, connections, secs);
+                let per_10k = |d: Duration| d.as_secs_f64() / run.wrk.requests as f64 * 1e4;
+                cpu.push((per_10k(run.sut_cpu), per_10k(run.sut_sys)));
+            }
+            rounds.push(cpu);
+        }
+        let _ = write!(
+            self.report,
+            "\n### Maximum throughput, {} interleaved rounds\n\n\
+             Each round starts and warms each target in turn, then `wrk -t1 -c{connections} \
+             -d{secs}s`. SUT CPU s per 10k requests (kernel share); the ratios are by CPU-bound \
+             capacity, idmatch-proxy (warn) ÷ the others.\n\n| round |",
+            rounds.len()
+        );
+        for kind in &kinds {
+            let _ = write!(self.report, " {} |", kind.name());
+        }
+        let others = &kinds[1..];
+        for kind in others {
+            let _ = write!(self.report, " ÷ {} |", kind.name());
+        }
+        let _ = writeln!(
+            self.report,
+            "\n|---|{}",
+            "---|".repeat(kinds.len() + others.len())
+        );
+        let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); others.len()];
+        for (i, cpu) in rounds.iter().enumerate() {
+            let _ = write!(self.report, "| {} |", i + 1);
+            for (total, sys) in cpu {
+                let _ = write!(self.report, " {total:.3} ({:.0} %) |", sys / total * 100.0);
+            }
+            for (j, (other, _)) in cpu[1..].iter().enumerate() {
+                let ratio = other / cpu[0].0;
+                ratios[j].push(ratio);
+                let _ = write!(self.report, " {ratio:.2} |");
+            }
+            let _ = writeln!(self.report);
+        }
+        let _ = write!(self.report, "| median |{}", " |".repeat(kinds.len()));
+        for ratios in &mut ratios {
+            ratios.sort_by(f64::total_cmp);
+            let middle = ratios.len() / 2;
+            let median = if ratios.len() % 2 == 1 {
+                ratios[middle]
+            } else {
+                (ratios[middle - 1] + ratios[middle]) / 2.0
+            };
+            let _ = write!(self.report, " **{median:.2}** |");
+        }
+        let _ = writeln!(self.report);
     }
 
     fn memory_table(&mut self, rows: &[Row]) {
