@@ -113,7 +113,7 @@ fn serve(loaded: Loaded) -> ExitCode {
     };
     let runtime = match builder
         .enable_all()
-        .on_thread_park(telemetry::flush)
+        .on_thread_park(telemetry::on_park)
         .build()
     {
         Ok(runtime) => runtime,

@@ -71,10 +71,16 @@ impl Drop for Batch {
     }
 }
 
-/// Writes this thread's collected lines, and collects its lines from now on. For the
-/// runtime's `on_thread_park`, and for the thread that ran the runtime, once it returns.
-pub fn flush() {
+/// For the runtime's `on_thread_park`: writes this thread's collected lines, and collects its
+/// lines from now on.
+pub fn on_park() {
     BATCH.with_borrow_mut(|batch| batch.get_or_insert_with(|| Batch(Vec::new())).write_out());
+}
+
+/// Writes this thread's collected lines, if it collects any: before the process ends, as the
+/// main thread's may never be dropped.
+pub fn flush() {
+    BATCH.with_borrow_mut(|batch| batch.as_mut().map_or((), Batch::write_out));
 }
 
 /// One line at a time from `tracing_subscriber`, whole: it formats a line, then writes it.

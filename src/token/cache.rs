@@ -31,7 +31,7 @@ pub trait Clock: Send + Sync + 'static {
 /// The system's real-time clock.
 ///
 /// On Linux, the coarse one: it lags by at most a scheduler tick (1–10 ms), which whole-second
-/// claims and a `margin` of seconds never notice, and it costs a memory read (5 ns here)
+/// claims and a `margin` of seconds never notice, and it costs a memory read (3.6 ns here)
 /// where the precise one costs 23 ns on every request.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct SystemClock;
