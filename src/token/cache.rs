@@ -23,7 +23,7 @@ use crate::config::TokenSettings;
 /// Wall-clock time, injectable so that tests can move it.
 ///
 /// Wall time rather than monotonic: `exp` and `nbf` are judged on CM.com's wall clock.
-pub trait Clock: Send + Sync + 'static {
+pub trait Clock: std::any::Any + Send + Sync {
     /// Time since the UNIX epoch.
     fn now(&self) -> Duration;
 }
@@ -51,6 +51,32 @@ impl Clock for SystemClock {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default()
+    }
+}
+
+/// The cache's clock. The system's is called directly, not through `dyn Clock`: an indirect
+/// call on every request is a tenth of the request path's cost.
+enum Time {
+    System,
+    Injected(Arc<dyn Clock>),
+}
+
+impl Time {
+    fn of(clock: Arc<dyn Clock>) -> Self {
+        let any: &dyn std::any::Any = clock.as_ref();
+        if any.is::<SystemClock>() {
+            Time::System
+        } else {
+            Time::Injected(clock)
+        }
+    }
+
+    #[inline(always)]
+    fn now(&self) -> Duration {
+        match self {
+            Time::System => SystemClock.now(),
+            Time::Injected(clock) => clock.now(),
+        }
     }
 }
 
@@ -116,7 +142,7 @@ pub struct MintCounts {
 
 pub struct TokenCache {
     settings: TokenSettings,
-    clock: Arc<dyn Clock>,
+    clock: Time,
     current: ArcSwap<Minted>,
     /// `current`'s generation, published after it: a thread whose copy has another refreshes it.
     generation: AtomicU64,
@@ -135,7 +161,7 @@ impl TokenCache {
         let first = mint(&signer, &settings, claims_at(&settings, clock.now()));
         Self {
             settings,
-            clock,
+            clock: Time::of(clock),
             generation: AtomicU64::new(first.generation),
             current: ArcSwap::from_pointee(first),
             signer: Mutex::new(signer),
