@@ -437,6 +437,24 @@ mod tests {
         Duration::from_secs(claims_of(value).exp).saturating_sub(now)
     }
 
+    /// The coarse clock is the wall clock, a tick behind at most.
+    #[test]
+    fn system_clock_reads_the_wall_clock() {
+        let precise = || {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+        };
+        let before = precise();
+        let coarse = SystemClock.now();
+        let after = precise();
+        assert!(coarse <= after, "{coarse:?} is ahead of {after:?}");
+        assert!(
+            before.saturating_sub(coarse) < Duration::from_millis(100),
+            "{coarse:?} lags {before:?}"
+        );
+    }
+
     #[test]
     fn first_token_is_backdated_and_marked_sensitive() {
         let clock = ManualClock::at(T0);
