@@ -77,8 +77,8 @@ pub fn on_park() {
     BATCH.with_borrow_mut(|batch| batch.get_or_insert_with(|| Batch(Vec::new())).write_out());
 }
 
-/// Writes this thread's collected lines, if it collects any: before the process ends, as the
-/// main thread's may never be dropped.
+/// Writes this thread's collected lines, if it collects any: before a forced exit, which runs
+/// no thread's destructors. (Otherwise each runtime thread writes its last lines as it ends.)
 pub fn flush() {
     BATCH.with_borrow_mut(|batch| batch.as_mut().map_or((), Batch::write_out));
 }

@@ -41,7 +41,7 @@ async fn sigterm_under_steady_load_loses_no_request() {
     sigterm_under_steady_load(&[]).await;
 }
 
-/// One worker runs on a current-thread runtime (a sidecar with one CPU): the same guarantees.
+/// One worker (a sidecar with one CPU): the same guarantees.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_under_steady_load_loses_no_request_with_one_worker() {
     sigterm_under_steady_load(&[("IDMATCH_WORKER_THREADS", "1")]).await;
