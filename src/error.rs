@@ -79,7 +79,7 @@ pub enum ProxyError {
 impl ProxyError {
     /// Sorts a client error by walking its causes. rustls' errors arrive wrapped in one or two
     /// `io::Error`s, whose `source` skips the error they wrap, so those are opened by `get_ref`.
-    pub fn from_upstream(error: hyper_util::client::legacy::Error) -> Self {
+    pub fn from_upstream(error: crate::pool::SendError) -> Self {
         let mut cause: Option<&(dyn StdError + 'static)> = Some(&error);
         while let Some(e) = cause {
             // Before its causes: the proxy's own connection errors are not the upstream's.
@@ -105,7 +105,7 @@ impl ProxyError {
             };
         }
         let detail = chain(&error);
-        if error.is_connect() {
+        if matches!(error, crate::pool::SendError::Connect(_)) {
             Self::Unreachable(detail)
         } else {
             Self::Terminated(detail)

@@ -1,8 +1,8 @@
 //! Header hygiene between the client and the upstream.
 
 use http::header::{
-    HeaderName, AUTHORIZATION, CONNECTION, HOST, PROXY_AUTHORIZATION, TE, TRAILER,
-    TRANSFER_ENCODING, UPGRADE,
+    HeaderName, AUTHORIZATION, CONNECTION, PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING,
+    UPGRADE,
 };
 use http::{HeaderMap, HeaderValue};
 
@@ -24,20 +24,19 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     strip(headers, false);
 }
 
-/// Turns the client's request headers into the upstream's: hop-by-hop fields, the client's
-/// `Host` and its own credentials go, exactly one `Authorization` comes in. Everything else
-/// stays in its original order.
+/// Turns the client's request headers into the upstream's: hop-by-hop fields and the client's
+/// own proxy credentials go, exactly one `Authorization` comes in. Everything else stays in its
+/// original order.
 ///
-/// The upstream's `Host` is left to the client library, which derives it from the request URI
-/// for HTTP/1.1 and sends `:authority` alone for HTTP/2: a `Host` beside `:authority` is
-/// refused by some servers (nginx answers 400, "duplicate host header").
+/// The client's `Host` stays for now: the pool replaces it in place with the upstream's for
+/// HTTP/1.1 and removes it for HTTP/2, which carries `:authority` instead ([`crate::pool`]).
 pub fn rewrite_request(headers: &mut HeaderMap, authorization: HeaderValue) {
     strip(headers, true);
     // `insert` replaces every value the client sent, in the first one's place.
     headers.insert(AUTHORIZATION, authorization);
 }
 
-/// Removes hop-by-hop fields (and `Host` and `Proxy-Authorization` if `request`), keeping the order of
+/// Removes hop-by-hop fields (and `Proxy-Authorization` if `request`), keeping the order of
 /// the rest. `HeaderMap::remove` moves the last field into the hole, so only trailing fields are
 /// removed in place (nginx ends every response with `Connection: keep-alive`: benches/README.md);
 /// if others remain, the map is rebuilt. Usually there is nothing to remove or rebuild.
@@ -46,7 +45,7 @@ fn strip(headers: &mut HeaderMap, request: bool) {
     let doomed = |name: &HeaderName| {
         HOP_BY_HOP.contains(name)
             || named.contains(name)
-            || (request && (name == PROXY_AUTHORIZATION || name == HOST))
+            || (request && name == PROXY_AUTHORIZATION)
     };
     while let Some(last) = headers.keys().last().filter(|name| doomed(name)).cloned() {
         headers.remove(&last);
@@ -91,6 +90,7 @@ fn connection_named(headers: &HeaderMap) -> Vec<HeaderName> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::header::HOST;
 
     fn map(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut headers = HeaderMap::new();
@@ -162,7 +162,7 @@ mod tests {
     }
 
     #[test]
-    fn request_gets_exactly_one_authorization_and_no_host() {
+    fn request_gets_exactly_one_authorization_and_keeps_host_for_the_pool() {
         let mut headers = map(&[
             ("host", "evil.example"),
             ("authorization", "Basic client"),
@@ -174,6 +174,7 @@ mod tests {
         assert_eq!(
             pairs(&headers),
             [
+                ("host".into(), "evil.example".into()),
                 ("authorization".into(), "Bearer ours".into()),
                 ("accept".into(), "application/json".into()),
             ]

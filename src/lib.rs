@@ -6,7 +6,8 @@
 //! - [`token`]: the hand-rolled HS256 signer and the shared, self-refreshing token.
 //! - [`proxy`]: per-request rewriting and forwarding; bodies stream, never buffer.
 //! - [`headers`]: hop-by-hop and credential hygiene.
-//! - [`upstream`]: the pooled rustls client.
+//! - [`upstream`]: TLS, the egress tunnel and DNS towards the upstream; [`pool`]: its
+//!   connections.
 //! - [`error`]: what fails, and the one place that renders it as a JSON 4xx/502/503/504.
 //! - [`server`]: listeners, connection timeouts, drain and shutdown.
 //! - [`observe`]: per-request id, in-flight limit, access log and metrics.
@@ -24,6 +25,7 @@ pub mod error;
 pub mod headers;
 pub mod metrics;
 pub mod observe;
+pub mod pool;
 pub mod proxy;
 pub mod server;
 pub mod telemetry;

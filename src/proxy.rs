@@ -2,8 +2,8 @@
 //! bodies streamed both ways except small request bodies, kept for those cases.
 //!
 //! The two cases:
-//! - hyper-util's client failed before writing any byte of it (see `never_written`): once per
-//!   exchange, as the upstream cannot have seen it;
+//! - the upstream client failed before writing any byte of it (see [`SendError::never_written`]): once
+//!   per exchange, as the upstream cannot have seen it;
 //! - the upstream answered 401: the token is re-minted and the request replayed, once.
 //!
 //! So the upstream receives a request at most twice, the second time because it asked to. Both
@@ -12,7 +12,6 @@
 //! with backpressure, and is never sent twice. A response timeout is never retried: the upstream
 //! may be processing the request, and CM.com's calls are POSTs.
 
-use std::error::Error as _;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,7 +25,6 @@ use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Either, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper_util::client::legacy;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
@@ -34,6 +32,7 @@ use crate::config::Config;
 use crate::error::ProxyError;
 use crate::headers;
 use crate::metrics::{ErrorLabels, Metrics, ReasonLabels};
+use crate::pool::{PooledBody, SendError};
 use crate::token::TokenCache;
 use crate::upstream::UpstreamClient;
 
@@ -135,7 +134,7 @@ impl Proxy {
         &self,
         request: Request<Incoming>,
         local: SocketAddr,
-    ) -> Result<(Response<Incoming>, OwnedSemaphorePermit), ProxyError> {
+    ) -> Result<(Response<PooledBody>, OwnedSemaphorePermit), ProxyError> {
         // CONNECT would make us a tunnel anywhere; TRACE would echo our token to the client
         // (RFC 9110 §9.3.8 warns of exactly that).
         if matches!(*request.method(), Method::CONNECT | Method::TRACE) {
@@ -254,7 +253,7 @@ impl Proxy {
         &self,
         mut kept: Kept,
         sent: &HeaderValue,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<Response<PooledBody>, ProxyError> {
         let response = self.send_kept(&kept).await?;
         if response.status() != StatusCode::UNAUTHORIZED {
             return Ok(response);
@@ -271,9 +270,9 @@ impl Proxy {
     }
 
     /// Sends a kept request; if it was never written, once more.
-    async fn send_kept(&self, kept: &Kept) -> Result<Response<Incoming>, ProxyError> {
+    async fn send_kept(&self, kept: &Kept) -> Result<Response<PooledBody>, ProxyError> {
         match self.send(kept.request()).await? {
-            Err(error) if never_written(&error) => {
+            Err(error) if error.never_written() => {
                 let error = ProxyError::from_upstream(error);
                 // The same certificate would be presented again.
                 if matches!(error, ProxyError::TlsCertificate(_)) {
@@ -296,7 +295,7 @@ impl Proxy {
         parts: http::request::Parts,
         body: Incoming,
         sent: &HeaderValue,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<Response<PooledBody>, ProxyError> {
         let limit = self.max_body_bytes.unwrap_or(u64::MAX);
         let (body, mut failed) = Streamed::reporting(body, limit);
         let ended = body.ended.clone();
@@ -332,7 +331,7 @@ impl Proxy {
     async fn send(
         &self,
         request: Request<UpstreamBody>,
-    ) -> Result<Result<Response<Incoming>, legacy::Error>, ProxyError> {
+    ) -> Result<Result<Response<PooledBody>, SendError>, ProxyError> {
         tokio::time::timeout(self.response_timeout, self.client.request(request))
             .await
             .map_err(|_| ProxyError::ResponseTimeout(self.response_timeout))
@@ -413,7 +412,7 @@ async fn collect(body: Incoming, length: u64) -> Result<Bytes, ProxyError> {
 }
 
 /// Reads what is left of a response we discard, within [`DRAIN_LIMIT`] and [`DRAIN_TIMEOUT`].
-async fn drain(mut body: Incoming) {
+async fn drain(mut body: PooledBody) {
     let mut left = DRAIN_LIMIT;
     let read = async {
         while let Some(Ok(frame)) = body.frame().await {
@@ -425,25 +424,6 @@ async fn drain(mut body: Incoming) {
         }
     };
     let _ = tokio::time::timeout(DRAIN_TIMEOUT, read).await;
-}
-
-/// Whether hyper-util's client failed before writing any byte of the request, so that sending
-/// it again cannot make the upstream act twice:
-/// - `is_connect()`: connecting failed (DNS, TCP, egress tunnel, TLS, or the pool checkout);
-///   the request never had a connection.
-/// - a canceled `hyper::Error` as the immediate cause: hyper cancels a client request only
-///   while handing it back unsent (the connection closed or was not ready before its
-///   dispatcher took the request). hyper-util resends those itself on a reused pooled
-///   connection (`retry_canceled_requests`) but returns them when the connection was new.
-///
-/// Everything else (an error while writing or while waiting for the response) may have
-/// reached the upstream.
-fn never_written(error: &legacy::Error) -> bool {
-    error.is_connect()
-        || error
-            .source()
-            .and_then(|cause| cause.downcast_ref::<hyper::Error>())
-            .is_some_and(hyper::Error::is_canceled)
 }
 
 /// The client's body on its way upstream, failing once more than its limit has passed: the
@@ -569,7 +549,7 @@ impl Body for Streamed {
 /// connection forever, and the client's idle timeout does not run while a request is in flight.
 /// Only time spent waiting on the upstream counts, never time the client takes to read.
 pub struct Watched {
-    body: Incoming,
+    body: PooledBody,
     /// Released when the body ends or fails, for the next request to the upstream.
     slot: Option<OwnedSemaphorePermit>,
     timeout: Duration,
@@ -585,7 +565,7 @@ pub struct Watched {
 pub struct BodyTimeout(Duration);
 
 impl Watched {
-    fn new(body: Incoming, timeout: Duration, slot: OwnedSemaphorePermit) -> Self {
+    fn new(body: PooledBody, timeout: Duration, slot: OwnedSemaphorePermit) -> Self {
         Self {
             body,
             slot: Some(slot),

@@ -1,4 +1,5 @@
-//! The one pooled HTTPS client the process uses to reach the upstream.
+//! Reaching the upstream: TLS, the egress tunnel, DNS, and the client built on them
+//! ([`crate::pool`]).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -13,19 +14,14 @@ use http::{HeaderValue, StatusCode, Uri};
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder, MaybeHttpsStream};
 use hyper_util::client::legacy::connect::dns::Name;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use rustls::RootCertStore;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::config::{Roots, Upstream};
 
-pub type UpstreamClient = Client<Connector, crate::proxy::UpstreamBody>;
-
-/// Pooled connections idle longer than this are closed by us rather than risk reusing one the
-/// upstream's load balancer is closing (commonly at 60 s).
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+pub use crate::pool::UpstreamClient;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsSetupError {
@@ -86,14 +82,14 @@ pub fn client(upstream: &Upstream) -> Result<UpstreamClient, TlsSetupError> {
         timeout: upstream.connect_timeout,
     };
 
-    Ok(Client::builder(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-        .build(connector))
+    Ok(UpstreamClient::new(
+        connector,
+        upstream.scheme.clone(),
+        upstream.authority.clone(),
+    ))
 }
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type Connecting =
     Pin<Box<dyn Future<Output = Result<MaybeHttpsStream<TokioIo<TcpStream>>, BoxError>> + Send>>;
 

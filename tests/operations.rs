@@ -268,22 +268,6 @@ async fn upstream_max_in_flight_queues_the_rest_and_keeps_the_limit_full() {
 
 /// A response body of `bytes` bytes, one every 100 ms: never silent for long enough to time out,
 /// and held open all that time.
-struct Trickle(tokio::sync::mpsc::Receiver<Bytes>);
-
-impl hyper::body::Body for Trickle {
-    type Data = Bytes;
-    type Error = idmatch_mock::server::BoxError;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
-        self.0
-            .poll_recv(cx)
-            .map(|chunk| chunk.map(|c| Ok(hyper::body::Frame::data(c))))
-    }
-}
-
 fn trickle(bytes: usize) -> idmatch_mock::server::Body {
     let (tx, rx) = tokio::sync::mpsc::channel(1);
     tokio::spawn(async move {
@@ -294,7 +278,7 @@ fn trickle(bytes: usize) -> idmatch_mock::server::Body {
             }
         }
     });
-    http_body_util::BodyExt::boxed(Trickle(rx))
+    channel_body(rx)
 }
 
 async fn gauge_reaches(admin: std::net::SocketAddr, gauge: &str, value: f64) {

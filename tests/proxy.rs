@@ -226,3 +226,65 @@ async fn native_roots_plus_the_extra_ca_work() {
         StatusCode::OK
     );
 }
+
+/// An HTTP/1.1 upstream connection goes back to the pool when its response body has ended, not
+/// when the head arrives: a request meanwhile gets a connection of its own instead of queueing
+/// behind a body that may take long, and afterwards both connections are reused.
+#[tokio::test]
+async fn an_upstream_connection_is_reused_only_once_its_response_body_has_ended() {
+    let pki = TestPki::localhost();
+    let (release, held) = tokio::sync::mpsc::channel::<bytes::Bytes>(1);
+    let held = std::sync::Arc::new(std::sync::Mutex::new(Some(held)));
+    let upstream = Upstream::builder()
+        .tls(&pki)
+        .alpn(&[b"http/1.1"])
+        .handler(move |request: Request<hyper::body::Incoming>| {
+            let held = held
+                .lock()
+                .unwrap()
+                .take_if(|_| request.uri().path().ends_with("/slow"));
+            async move {
+                let Some(held) = held else {
+                    return json(StatusCode::OK, json!({}));
+                };
+                http::Response::new(channel_body(held))
+            }
+        })
+        .start()
+        .await;
+    let proxy = Proxy::start(&ProxyConfig::new(&upstream.url(BASE), &pki)).await;
+    let client = http1();
+
+    // The slow response's head arrives; its body is held open by the upstream.
+    let slow = client.request(get(&proxy.url("/slow"))).await.unwrap();
+    assert_eq!(slow.status(), StatusCode::OK);
+    assert_eq!(upstream.connections_accepted(), 1);
+    // Meanwhile: a second connection, at once.
+    let fast = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        send(&client, get(&proxy.url("/a"))),
+    );
+    assert_eq!(
+        fast.await.expect("not queued behind the slow body").status,
+        StatusCode::OK
+    );
+    assert_eq!(upstream.connections_accepted(), 2);
+
+    release
+        .send(bytes::Bytes::from_static(b"done"))
+        .await
+        .unwrap();
+    drop(release);
+    let body = http_body_util::BodyExt::collect(slow.into_body())
+        .await
+        .unwrap();
+    assert_eq!(body.to_bytes(), "done");
+    // Both connections are back: two requests at once need no third.
+    let (a, b) = tokio::join!(
+        send(&client, get(&proxy.url("/b"))),
+        send(&client, get(&proxy.url("/c")))
+    );
+    assert_eq!((a.status, b.status), (StatusCode::OK, StatusCode::OK));
+    assert_eq!(upstream.connections_accepted(), 2);
+    assert_eq!(upstream.request_count(), 4);
+}

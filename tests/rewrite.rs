@@ -76,8 +76,9 @@ async fn request_headers_are_cleaned_and_the_rest_passes_in_order() {
     assert!(bearer.starts_with("Bearer ey") && bearer != "Bearer client-token");
     assert_eq!(
         headers,
-        // The upstream's `Host`, derived from its URL by the client library, comes last.
+        // The upstream's `Host` in place of the client's: first, as clients send it.
         [
+            ("host", stack.upstream.addr().to_string().as_str()),
             ("x-first", "1"),
             ("x-request-id", "r-1"),
             ("x-dup", "one"),
@@ -88,7 +89,6 @@ async fn request_headers_are_cleaned_and_the_rest_passes_in_order() {
                 "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
             ),
             ("content-length", "2"),
-            ("host", stack.upstream.addr().to_string().as_str()),
         ]
         .map(|(n, v)| (n.to_owned(), v.to_owned()))
     );

@@ -384,3 +384,25 @@ pub fn refusing_port() -> Refusing {
         _socket: socket,
     }
 }
+
+/// A response body whose chunks arrive through `chunks`, and which ends when its sender is
+/// dropped: the upstream holds it open as long as the test likes.
+pub fn channel_body(chunks: tokio::sync::mpsc::Receiver<Bytes>) -> idmatch_mock::server::Body {
+    struct Channel(tokio::sync::mpsc::Receiver<Bytes>);
+
+    impl hyper::body::Body for Channel {
+        type Data = Bytes;
+        type Error = idmatch_mock::server::BoxError;
+
+        fn poll_frame(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+            self.0
+                .poll_recv(cx)
+                .map(|chunk| chunk.map(|c| Ok(hyper::body::Frame::data(c))))
+        }
+    }
+
+    Channel(chunks).boxed()
+}

@@ -1,0 +1,466 @@
+//! The upstream's connections: HTTP/1.1 connections reused one exchange at a time, or one HTTP/2
+//! connection shared by all, whichever the upstream picks by ALPN.
+//!
+//! Built on `hyper::client::conn` rather than hyper-util's general-purpose client because there
+//! is one destination: no pool key to hash per request, an HTTP/1.1 connection goes back to the
+//! pool when its response body ends (not through a task spawned per request), and the upstream's
+//! `Host` replaces the client's in place. 16 % fewer instructions per proxied request than with
+//! hyper-util's client (benches/README.md).
+
+use std::future::poll_fn;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::HOST;
+use http::uri::{PathAndQuery, Scheme};
+use http::{HeaderValue, Request, Response, Uri};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::client::conn::{http1, http2, TrySendError};
+use hyper_util::client::legacy::connect::Connection as _;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::time::Instant;
+use tower::Service as _;
+
+use crate::proxy::UpstreamBody;
+use crate::upstream::{BoxError, Connector};
+
+/// Pooled connections idle longer than this are closed by us rather than risk reusing one the
+/// upstream's load balancer is closing (commonly at 60 s).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why an exchange with the upstream failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// Connecting failed (DNS, TCP, the egress tunnel, TLS, the HTTP/2 handshake): no byte of
+    /// the request was sent.
+    #[error("connecting to the upstream")]
+    Connect(#[source] BoxError),
+    /// The exchange failed on a connection; `hyper::Error::is_canceled` if the request was
+    /// handed back unsent.
+    #[error(transparent)]
+    Exchange(hyper::Error),
+}
+
+impl SendError {
+    /// Whether no byte of the request can have reached the upstream, so that sending it again
+    /// cannot make the upstream act twice. hyper cancels a request only while handing it back
+    /// unsent; a request handed back by a reused connection has already gone on to another.
+    pub fn never_written(&self) -> bool {
+        match self {
+            Self::Connect(_) => true,
+            Self::Exchange(error) => error.is_canceled(),
+        }
+    }
+}
+
+/// The client for the one upstream. Cheap to share: the proxy holds one for the process.
+pub struct UpstreamClient {
+    pool: Arc<Pool>,
+}
+
+struct Pool {
+    connector: Connector,
+    /// `scheme://authority`: what the connector dials, and HTTP/2's `:scheme` and `:authority`.
+    scheme: Scheme,
+    authority: http::uri::Authority,
+    /// HTTP/1.1's `Host`: the authority without a default port.
+    host: HeaderValue,
+    idle: Mutex<Idle<http1::SendRequest<UpstreamBody>>>,
+    shared: Mutex<Option<http2::SendRequest<UpstreamBody>>>,
+    /// Whether the task that closes idle connections runs: started with the first connection,
+    /// inside the runtime.
+    reaping: std::sync::Once,
+}
+
+enum Connection {
+    Http1(http1::SendRequest<UpstreamBody>),
+    Http2(http2::SendRequest<UpstreamBody>),
+}
+
+impl UpstreamClient {
+    pub fn new(connector: Connector, scheme: Scheme, authority: http::uri::Authority) -> Self {
+        let default_port = if scheme == Scheme::HTTP { 80 } else { 443 };
+        let host = match authority.port_u16() {
+            Some(port) if port != default_port => authority.as_str(),
+            _ => authority.host(),
+        };
+        let host = HeaderValue::from_str(host).expect("an authority is a valid header value");
+        Self {
+            pool: Arc::new(Pool {
+                connector,
+                scheme,
+                authority,
+                host,
+                idle: Mutex::new(Idle::default()),
+                shared: Mutex::new(None),
+                reaping: std::sync::Once::new(),
+            }),
+        }
+    }
+
+    /// One exchange: on a pooled connection if one is free, else on a new one. A request that
+    /// a pooled connection hands back unsent (it was closing) goes on to the next, or to a new
+    /// connection; one that a new connection hands back is the caller's to retry.
+    pub async fn request(
+        &self,
+        mut request: Request<UpstreamBody>,
+    ) -> Result<Response<PooledBody>, SendError> {
+        while let Some(connection) = self.pool.checkout() {
+            match self.pool.send(connection, request).await {
+                Ok(response) => return Ok(response),
+                Err(Failed {
+                    unsent: Some(unsent),
+                    ..
+                }) => request = unsent,
+                Err(failed) => return Err(SendError::Exchange(failed.error)),
+            }
+        }
+        let connection = self.pool.connect().await?;
+        self.pool
+            .send(connection, request)
+            .await
+            .map_err(|failed| SendError::Exchange(failed.error))
+    }
+}
+
+impl Pool {
+    fn checkout(&self) -> Option<Connection> {
+        if let Some(shared) = lock(&self.shared).as_ref().filter(|s| !s.is_closed()) {
+            return Some(Connection::Http2(shared.clone()));
+        }
+        lock(&self.idle).take(Instant::now()).map(Connection::Http1)
+    }
+
+    async fn send(
+        self: &Arc<Self>,
+        connection: Connection,
+        mut request: Request<UpstreamBody>,
+    ) -> Result<Response<PooledBody>, Failed> {
+        match connection {
+            Connection::Http1(mut sender) => {
+                if let Err(error) = sender.ready().await {
+                    return Err(Failed {
+                        error,
+                        unsent: Some(request),
+                    });
+                }
+                let target = request.uri().path_and_query().cloned();
+                *request.uri_mut() =
+                    Uri::from(target.unwrap_or_else(|| PathAndQuery::from_static("/")));
+                // In place of the client's, which is first in nearly every request: the order of
+                // the other fields is kept.
+                request.headers_mut().insert(HOST, self.host.clone());
+                let response = sender.try_send_request(request).await?;
+                let pool = Arc::downgrade(self);
+                Ok(response.map(|body| PooledBody::returning(body, pool, sender)))
+            }
+            Connection::Http2(mut sender) => {
+                if let Err(error) = sender.ready().await {
+                    return Err(Failed {
+                        error,
+                        unsent: Some(request),
+                    });
+                }
+                // HTTP/2 carries the authority in `:authority`; a `Host` beside it is refused by
+                // some servers (nginx: 400, "duplicate host header").
+                request.headers_mut().remove(HOST);
+                if request.uri().scheme().is_none() {
+                    // Handed back by an HTTP/1.1 connection, in origin-form.
+                    let mut parts = std::mem::take(request.uri_mut()).into_parts();
+                    parts.scheme = Some(self.scheme.clone());
+                    parts.authority = Some(self.authority.clone());
+                    *request.uri_mut() = Uri::from_parts(parts).expect("an absolute URI");
+                }
+                let response = sender.try_send_request(request).await?;
+                Ok(response.map(PooledBody::shared))
+            }
+        }
+    }
+
+    /// A new connection: TCP (through the egress tunnel if any), TLS, then HTTP/2 if the
+    /// upstream chose it by ALPN, else HTTP/1.1.
+    async fn connect(self: &Arc<Self>) -> Result<Connection, SendError> {
+        self.reaping.call_once(|| {
+            tokio::spawn(reap(Arc::downgrade(self)));
+        });
+        let mut connector = self.connector.clone();
+        poll_fn(|cx| connector.poll_ready(cx))
+            .await
+            .map_err(SendError::Connect)?;
+        let destination = Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query("/")
+            .build()
+            .expect("scheme and authority make a URI");
+        let io = connector
+            .call(destination)
+            .await
+            .map_err(SendError::Connect)?;
+        if io.connected().is_negotiated_h2() {
+            let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .handshake(io)
+                .await
+                .map_err(|error| SendError::Connect(error.into()))?;
+            tokio::spawn(run(connection));
+            *lock(&self.shared) = Some(sender.clone());
+            Ok(Connection::Http2(sender))
+        } else {
+            let (sender, connection) = http1::handshake(io)
+                .await
+                .map_err(|error| SendError::Connect(error.into()))?;
+            tokio::spawn(run(connection));
+            Ok(Connection::Http1(sender))
+        }
+    }
+
+    fn give_back(&self, sender: http1::SendRequest<UpstreamBody>) {
+        if !sender.is_closed() {
+            lock(&self.idle).put(sender, Instant::now());
+        }
+    }
+}
+
+/// Drives a connection until it closes; its errors reach the exchange that suffered them.
+async fn run<F: std::future::Future<Output = hyper::Result<()>>>(connection: F) {
+    if let Err(error) = connection.await {
+        tracing::debug!(%error, "upstream connection closed");
+    }
+}
+
+/// Closes idle connections past [`IDLE_TIMEOUT`], until the pool is gone.
+async fn reap(pool: Weak<Pool>) {
+    let mut ticks = tokio::time::interval(IDLE_TIMEOUT / 2);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let Some(pool) = pool.upgrade() else { return };
+        lock(&pool.idle).expire(Instant::now());
+    }
+}
+
+/// A failed exchange, with the request if it was handed back unsent.
+struct Failed {
+    error: hyper::Error,
+    unsent: Option<Request<UpstreamBody>>,
+}
+
+impl From<TrySendError<Request<UpstreamBody>>> for Failed {
+    fn from(mut error: TrySendError<Request<UpstreamBody>>) -> Self {
+        let unsent = error.take_message();
+        Self {
+            error: error.into_error(),
+            unsent,
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Nothing panics while holding these locks; a poisoned one holds consistent data.
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Idle HTTP/1.1 connections, most recently used last: reusing the newest keeps the fewest
+/// connections warm and lets the oldest expire.
+struct Idle<T> {
+    entries: Vec<(T, Instant)>,
+}
+
+impl<T> Default for Idle<T> {
+    fn default() -> Self {
+        Self {
+            entries: Vec::new(),
+        }
+    }
+}
+
+/// What the pool needs to know of a connection.
+trait Reusable {
+    fn is_closed(&self) -> bool;
+}
+
+impl<B> Reusable for http1::SendRequest<B> {
+    fn is_closed(&self) -> bool {
+        http1::SendRequest::is_closed(self)
+    }
+}
+
+impl<T: Reusable> Idle<T> {
+    fn put(&mut self, connection: T, now: Instant) {
+        self.entries.push((connection, now));
+    }
+
+    /// The newest connection that is neither closed nor expired; the expired go.
+    fn take(&mut self, now: Instant) -> Option<T> {
+        while let Some((connection, since)) = self.entries.pop() {
+            if now.saturating_duration_since(since) > IDLE_TIMEOUT {
+                // The rest are older still.
+                self.entries.clear();
+                return None;
+            }
+            if !connection.is_closed() {
+                return Some(connection);
+            }
+        }
+        None
+    }
+
+    fn expire(&mut self, now: Instant) {
+        self.entries.retain(|(connection, since)| {
+            now.saturating_duration_since(*since) <= IDLE_TIMEOUT && !connection.is_closed()
+        });
+    }
+}
+
+/// An upstream response body. Over HTTP/1.1 it returns its connection to the pool when it ends;
+/// dropped before its end, it takes the connection with it (hyper closes it).
+pub struct PooledBody {
+    body: Incoming,
+    returning: Option<(Weak<Pool>, http1::SendRequest<UpstreamBody>)>,
+}
+
+impl PooledBody {
+    fn returning(
+        body: Incoming,
+        pool: Weak<Pool>,
+        sender: http1::SendRequest<UpstreamBody>,
+    ) -> Self {
+        let mut body = Self {
+            body,
+            returning: Some((pool, sender)),
+        };
+        // A body that is empty (a 204, `Content-Length: 0`) has already ended.
+        body.give_back_if_ended();
+        body
+    }
+
+    fn shared(body: Incoming) -> Self {
+        Self {
+            body,
+            returning: None,
+        }
+    }
+
+    fn give_back_if_ended(&mut self) {
+        if self.body.is_end_stream() {
+            self.give_back();
+        }
+    }
+
+    fn give_back(&mut self) {
+        if let Some((pool, sender)) = self.returning.take() {
+            if let Some(pool) = pool.upgrade() {
+                pool.give_back(sender);
+            }
+        }
+    }
+}
+
+impl Body for PooledBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let frame = ready!(Pin::new(&mut self.body).poll_frame(cx));
+        match &frame {
+            Some(Ok(_)) => self.give_back_if_ended(),
+            None => self.give_back(),
+            Some(Err(_)) => self.returning = None,
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A connection that is open or closed, and says which one it is.
+    #[derive(Debug, PartialEq)]
+    struct Fake {
+        id: u8,
+        closed: bool,
+    }
+
+    impl Reusable for Fake {
+        fn is_closed(&self) -> bool {
+            self.closed
+        }
+    }
+
+    fn open(id: u8) -> Fake {
+        Fake { id, closed: false }
+    }
+
+    #[test]
+    fn the_newest_open_connection_is_reused_first() {
+        let start = Instant::now();
+        let mut idle = Idle::default();
+        idle.put(open(1), start);
+        idle.put(open(2), start + Duration::from_secs(1));
+        idle.put(
+            Fake {
+                id: 3,
+                closed: true,
+            },
+            start + Duration::from_secs(2),
+        );
+        let now = start + Duration::from_secs(3);
+        assert_eq!(idle.take(now), Some(open(2)), "the closed one is skipped");
+        assert_eq!(idle.take(now), Some(open(1)));
+        assert_eq!(idle.take(now), None);
+    }
+
+    #[test]
+    fn connections_idle_past_the_timeout_are_never_reused() {
+        let start = Instant::now();
+        let mut idle = Idle::default();
+        idle.put(open(1), start);
+        idle.put(open(2), start + Duration::from_secs(10));
+        // Exactly the timeout is still fine; a moment past it is not.
+        assert_eq!(
+            idle.take(start + IDLE_TIMEOUT + Duration::from_secs(10)),
+            Some(open(2))
+        );
+        idle.put(open(2), start + Duration::from_secs(10));
+        let later = start + IDLE_TIMEOUT + Duration::from_millis(10_001);
+        assert_eq!(idle.take(later), None);
+        assert!(idle.entries.is_empty(), "the older one went too");
+    }
+
+    #[test]
+    fn expiry_closes_the_expired_and_the_closed_and_keeps_the_rest_in_order() {
+        let start = Instant::now();
+        let mut idle = Idle::default();
+        idle.put(open(1), start);
+        idle.put(
+            Fake {
+                id: 2,
+                closed: true,
+            },
+            start + Duration::from_secs(20),
+        );
+        idle.put(open(3), start + Duration::from_secs(25));
+        idle.put(open(4), start + Duration::from_secs(26));
+        idle.expire(start + IDLE_TIMEOUT + Duration::from_secs(1));
+        let left: Vec<u8> = idle.entries.iter().map(|(c, _)| c.id).collect();
+        assert_eq!(left, [3, 4]);
+    }
+}
