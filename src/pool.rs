@@ -118,7 +118,9 @@ impl UpstreamClient {
                 Err(failed) => return Err(SendError::Exchange(failed.error)),
             }
         }
-        let connection = self.pool.connect().await?;
+        // Boxed: the TLS and HTTP/2 handshakes make this future several KiB, which every
+        // request's future would otherwise carry (and move) while it is rarely needed.
+        let connection = Box::pin(self.pool.connect()).await?;
         self.pool
             .send(connection, request)
             .await
