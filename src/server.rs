@@ -224,9 +224,16 @@ async fn drive<C>(
     C::Error: std::fmt::Display,
 {
     tokio::pin!(connection);
+    // One timer for the connection's life, moved to each new deadline: idle deadlines only move
+    // later, which tokio does without touching its timer wheel.
+    let timer = tokio::time::sleep_until(Instant::now());
+    tokio::pin!(timer);
     let mut closing = false;
     loop {
         let deadline = activity.deadline(&limits);
+        if let Some(deadline) = deadline {
+            timer.as_mut().reset(deadline);
+        }
         tokio::select! {
             result = connection.as_mut() => {
                 if let Err(error) = result {
@@ -247,7 +254,7 @@ async fn drive<C>(
                     closing = true;
                 }
             }
-            () = sleep_until(deadline) => {
+            () = timer.as_mut(), if deadline.is_some() => {
                 match activity.expired(&limits) {
                     Some(Expired::Head) => {
                         tracing::debug!(%peer, timeout = ?limits.header_timeout, "request head too slow; closing");
@@ -262,13 +269,6 @@ async fn drive<C>(
             }
             () = activity.changed.notified() => {}
         }
-    }
-}
-
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
-        None => std::future::pending().await,
     }
 }
 
