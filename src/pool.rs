@@ -29,7 +29,7 @@ use crate::upstream::{BoxError, Connector};
 
 /// Pooled connections idle longer than this are closed by us rather than risk reusing one the
 /// upstream's load balancer is closing (commonly at 60 s).
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Why an exchange with the upstream failed.
 #[derive(Debug, thiserror::Error)]
@@ -411,19 +411,17 @@ mod tests {
         Fake { id, closed: false }
     }
 
+    fn closed(id: u8) -> Fake {
+        Fake { id, closed: true }
+    }
+
     #[test]
     fn the_newest_open_connection_is_reused_first() {
         let start = Instant::now();
         let mut idle = Idle::default();
         idle.put(open(1), start);
         idle.put(open(2), start + Duration::from_secs(1));
-        idle.put(
-            Fake {
-                id: 3,
-                closed: true,
-            },
-            start + Duration::from_secs(2),
-        );
+        idle.put(closed(3), start + Duration::from_secs(2));
         let now = start + Duration::from_secs(3);
         assert_eq!(idle.take(now), Some(open(2)), "the closed one is skipped");
         assert_eq!(idle.take(now), Some(open(1)));
@@ -452,13 +450,7 @@ mod tests {
         let start = Instant::now();
         let mut idle = Idle::default();
         idle.put(open(1), start);
-        idle.put(
-            Fake {
-                id: 2,
-                closed: true,
-            },
-            start + Duration::from_secs(20),
-        );
+        idle.put(closed(2), start + Duration::from_secs(20));
         idle.put(open(3), start + Duration::from_secs(25));
         idle.put(open(4), start + Duration::from_secs(26));
         idle.expire(start + IDLE_TIMEOUT + Duration::from_secs(1));
