@@ -467,7 +467,7 @@ async fn pooled_connections_the_upstream_closed_are_not_reused() {
 #[tokio::test]
 async fn connections_closed_right_after_each_answer_fail_no_request() {
     // Keep-alive of zero: the upstream closes every connection as soon as it has answered, so
-    // the proxy races the close with the next request; hyper-util's pool must lose no request.
+    // the proxy races the close with the next request; the pool must lose no request.
     let (upstream, proxy) = scripted_stack(Some(Duration::ZERO), &[]).await;
     let client = http1();
     let mut failed = Vec::new();
