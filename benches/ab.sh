@@ -3,10 +3,10 @@
 #
 #   benches/ab.sh ROUNDS BINARY_A BINARY_B ...
 #
-# Each round starts each binary in turn on core 1 (one worker, RUST_LOG=warn), warms it for 2 s,
-# then drives it with `wrk -t1 -c64` for SECS seconds (default 10) from core 0 against the
-# upstream stub of the last `cargo bench --bench e2e` run (target/tmp/e2e), and prints its user
-# and system CPU per request from /proc/<pid>/stat. Interleaving is what makes two builds
+# Each round starts each binary in turn on core 1 (one worker; RUST_LOG=warn unless set, JSON
+# lines to /dev/null), warms it for 2 s, then drives it with `wrk -t1 -c64` for SECS seconds
+# (default 10) from core 0 against the upstream stub of the last `cargo bench --bench e2e` run
+# (target/tmp/e2e), and prints its user and system CPU per request from /proc/<pid>/stat. Interleaving is what makes two builds
 # comparable on a VM whose kernel share moves by ±10 % between runs (benches/README.md).
 set -eu
 E2E="$(cd "$(dirname "$0")/.." && pwd)/target/tmp/e2e"
@@ -22,7 +22,7 @@ export IDMATCH_LISTEN=127.0.0.1:18080 IDMATCH_ADMIN_LISTEN=127.0.0.1:18081 \
   IDMATCH_UPSTREAM_URL="https://localhost:$UPSTREAM_PORT/mobile-identity/v1" \
   IDMATCH_UPSTREAM_CA_FILE="$E2E/ca.pem" IDMATCH_KEY_ID=3b438437-04a4-40bb-8389-54bb02766fba \
   IDMATCH_SECRET_FILE="$E2E/secret" IDMATCH_WORKER_THREADS=1 IDMATCH_DRAIN_DELAY=0s \
-  IDMATCH_SHUTDOWN_TIMEOUT=1s RUST_LOG=warn
+  IDMATCH_SHUTDOWN_TIMEOUT=1s RUST_LOG="${RUST_LOG:-warn}"
 TICKS=$(getconf CLK_TCK)
 wrk_run() {
   taskset -c 0 wrk -t1 -c64 -d"$1" -s "$E2E/proxied.lua" http://127.0.0.1:18080/sim-swap

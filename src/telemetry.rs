@@ -8,9 +8,12 @@
 use std::cell::RefCell;
 use std::io::{IsTerminal, Write};
 
+use tracing_subscriber::fmt::format::JsonFields;
 use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
+
+mod json;
 
 /// `RUST_LOG` filters as usual and defaults to `info`; a filter that does not parse is reported
 /// and replaced by the default rather than silently ignored.
@@ -32,9 +35,8 @@ pub fn init(format: LogFormat) {
         .with_writer(|| BatchingStderr);
     if json {
         builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
+            .fmt_fields(JsonFields::new())
+            .event_format(json::JsonLines)
             .init();
     } else {
         builder.init();
