@@ -2,8 +2,8 @@
 //! bodies streamed both ways except small request bodies, kept for those cases.
 //!
 //! The two cases:
-//! - the upstream client failed before writing any byte of it (see [`SendError::never_written`]): once
-//!   per exchange, as the upstream cannot have seen it;
+//! - the upstream client failed before writing any byte of it
+//!   ([`SendError::never_written`]): once per exchange, as the upstream cannot have seen it;
 //! - the upstream answered 401: the token is re-minted and the request replayed, once.
 //!
 //! So the upstream receives a request at most twice, the second time because it asked to. Both
