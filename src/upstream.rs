@@ -1,10 +1,12 @@
 //! Reaching the upstream: TLS, the egress tunnel, DNS, and the client built on them
 //! ([`crate::pool`]).
 
+use std::collections::HashMap;
 use std::future::Future;
+use std::hash::Hash;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -18,6 +20,7 @@ use hyper_util::rt::TokioIo;
 use rustls::RootCertStore;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::OnceCell;
 
 use crate::config::{Roots, Upstream};
 
@@ -58,7 +61,7 @@ pub fn client(upstream: &Upstream) -> Result<UpstreamClient, TlsSetupError> {
         .with_root_certificates(roots)
         .with_no_client_auth();
 
-    let mut http = HttpConnector::new_with_resolver(Resolver);
+    let mut http = HttpConnector::new_with_resolver(Resolver::default());
     http.enforce_http(false);
     http.set_nodelay(true);
     let egress = Egress::new(http, upstream.proxy.as_ref());
@@ -368,16 +371,24 @@ fn percent_decode(text: &str) -> Vec<u8> {
 
 /// The failed lookup of the upstream's (or the egress proxy's) host name; its own type so that
 /// errors can be sorted.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 #[error("{host}: {source}")]
 pub struct DnsError {
     host: String,
-    source: std::io::Error,
+    /// Shared: one failed lookup answers every connection that was waiting for it.
+    source: Arc<std::io::Error>,
 }
 
-/// The system resolver (getaddrinfo on the blocking pool), with errors of our own type.
-#[derive(Clone, Copy, Debug)]
-pub struct Resolver;
+type Addresses = Result<Vec<SocketAddr>, DnsError>;
+
+/// The system resolver (getaddrinfo on the blocking pool), with errors of our own type. A name
+/// already being looked up is not looked up again: its waiters share the one answer. Otherwise
+/// a cold start under load would run one blocking thread and send one DNS query per connection
+/// being opened, up to `upstream.max_in_flight` at once. Nothing is cached past the lookup.
+#[derive(Clone, Debug, Default)]
+pub struct Resolver {
+    lookups: Coalesced<String, Addresses>,
+}
 
 type Resolving =
     Pin<Box<dyn Future<Output = Result<std::vec::IntoIter<SocketAddr>, DnsError>> + Send>>;
@@ -392,21 +403,123 @@ impl tower::Service<Name> for Resolver {
     }
 
     fn call(&mut self, name: Name) -> Resolving {
+        let lookups = self.lookups.clone();
         Box::pin(async move {
-            match tokio::net::lookup_host((name.as_str(), 0)).await {
-                Ok(addrs) => Ok(addrs.collect::<Vec<_>>().into_iter()),
-                Err(source) => Err(DnsError {
-                    host: name.as_str().to_owned(),
-                    source,
-                }),
-            }
+            let host = name.as_str().to_owned();
+            let addresses = lookups
+                .run(host.clone(), async move {
+                    let found = tokio::net::lookup_host((host.as_str(), 0))
+                        .await
+                        .map(Iterator::collect);
+                    found.map_err(|source| DnsError {
+                        host,
+                        source: Arc::new(source),
+                    })
+                })
+                .await?;
+            Ok(addresses.into_iter())
         })
+    }
+}
+
+/// Work keyed by `K` that callers share while it runs: the first caller's future runs, later
+/// callers wait for its output. If the caller running it goes away, a waiting one takes over.
+#[derive(Debug)]
+struct Coalesced<K, V> {
+    running: Arc<Mutex<HashMap<K, Arc<OnceCell<V>>>>>,
+}
+
+impl<K, V> Default for Coalesced<K, V> {
+    fn default() -> Self {
+        Self {
+            running: Arc::default(),
+        }
+    }
+}
+
+impl<K, V> Clone for Coalesced<K, V> {
+    fn clone(&self) -> Self {
+        Self {
+            running: self.running.clone(),
+        }
+    }
+}
+
+impl<K: Eq + Hash + Clone, V: Clone> Coalesced<K, V> {
+    async fn run(&self, key: K, work: impl Future<Output = V>) -> V {
+        let cell = {
+            let mut running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
+            running.entry(key.clone()).or_default().clone()
+        };
+        let value = cell.get_or_init(|| work).await.clone();
+        // Done: the next caller starts afresh. (A newer cell under the key stays.)
+        let mut running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
+        if running
+            .get(&key)
+            .is_some_and(|current| Arc::ptr_eq(current, &cell))
+        {
+            running.remove(&key);
+        }
+        value
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+
     use super::*;
+
+    /// Sixteen connections resolving the same name at once: one lookup, one answer for all;
+    /// the next resolution after it looks up again.
+    #[tokio::test(start_paused = true)]
+    async fn concurrent_lookups_of_one_name_share_one() {
+        let lookups = Coalesced::<&str, usize>::default();
+        let runs = Arc::new(AtomicUsize::new(0));
+        let lookup = |runs: Arc<AtomicUsize>| async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            runs.fetch_add(1, SeqCst) + 1
+        };
+        let waiting: Vec<_> = (0..16)
+            .map(|_| {
+                let (lookups, runs) = (lookups.clone(), runs.clone());
+                tokio::spawn(async move { lookups.run("api.cm.com", lookup(runs)).await })
+            })
+            .collect();
+        for answer in waiting {
+            assert_eq!(answer.await.unwrap(), 1);
+        }
+        assert_eq!(runs.load(SeqCst), 1);
+        assert!(lookups.running.lock().unwrap().is_empty(), "nothing kept");
+        assert_eq!(lookups.run("api.cm.com", lookup(runs.clone())).await, 2);
+        assert_eq!(lookups.run("other.example", lookup(runs.clone())).await, 3);
+    }
+
+    /// The connection whose lookup runs gives up (its connect timeout, its client gone): one
+    /// that was waiting runs its own, rather than waiting forever.
+    #[tokio::test(start_paused = true)]
+    async fn a_waiting_lookup_takes_over_from_one_abandoned() {
+        let lookups = Coalesced::<&str, &str>::default();
+        let first = tokio::spawn({
+            let lookups = lookups.clone();
+            async move {
+                let stuck = async {
+                    tokio::time::sleep(Duration::from_secs(3600)).await;
+                    "first"
+                };
+                lookups.run("api.cm.com", stuck).await
+            }
+        });
+        tokio::task::yield_now().await;
+        let second = tokio::spawn({
+            let lookups = lookups.clone();
+            async move { lookups.run("api.cm.com", async { "second" }).await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!second.is_finished(), "waiting for the first lookup");
+        first.abort();
+        assert_eq!(second.await.unwrap(), "second");
+    }
 
     #[test]
     fn connect_target_always_has_a_port() {
@@ -456,7 +569,10 @@ mod tests {
     #[test]
     fn the_proxy_is_dialled_without_its_userinfo() {
         let proxy = "http://user:p%40ss@proxy.internal:3128".parse().unwrap();
-        let egress = Egress::new(HttpConnector::new_with_resolver(Resolver), Some(&proxy));
+        let egress = Egress::new(
+            HttpConnector::new_with_resolver(Resolver::default()),
+            Some(&proxy),
+        );
         let proxy = egress.proxy.unwrap();
         assert_eq!(proxy.uri, "http://proxy.internal:3128/");
         assert_eq!(proxy.authority, "proxy.internal:3128");
