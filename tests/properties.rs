@@ -1,9 +1,9 @@
 //! Properties of the request path under hostile input, checked on generated cases:
 //!
 //! - header rewriting (`headers::rewrite_request`, `headers::remove_hop_by_hop`): whatever the
-//!   client sends, exactly one `Authorization` (ours) leaves, no `Host` (the client library
-//!   derives the upstream's), no hop-by-hop field and nothing `Connection` names does, and
-//!   everything else passes in order;
+//!   client sends, exactly one `Authorization` (ours) leaves, no hop-by-hop field and nothing
+//!   `Connection` names does, and everything else passes in order (`Host` too: the pool then
+//!   puts the upstream's in its place, or removes it for h2, which the end-to-end case checks);
 //! - URI joining (`proxy::upstream_uri`, behind a base path parsed by the config): the upstream's
 //!   scheme and authority, and `base path + path-and-query` byte for byte, whatever the target;
 //! - the config parser: any TOML-ish text and environment never panics, and every error is one
