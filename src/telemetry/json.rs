@@ -51,8 +51,13 @@ where
             for (i, span) in scope.from_root().enumerate() {
                 out.write_str(if i == 0 { "{" } else { ",{" })?;
                 if let Some(fields) = span.extensions().get::<FormattedFields<N>>() {
-                    // `JsonFields` left `{…}`: its members go in beside the name.
-                    let members = fields.fields.trim_start_matches('{').trim_end_matches('}');
+                    // `JsonFields` left one `{…}` object: its members go in beside the name,
+                    // in the order recorded (tracing-subscriber re-parses and sorts them).
+                    let object = fields.fields.as_str();
+                    let members = object
+                        .strip_prefix('{')
+                        .and_then(|rest| rest.strip_suffix('}'))
+                        .unwrap_or_default();
                     if !members.is_empty() {
                         out.write_str(members)?;
                         out.write_char(',')?;
