@@ -415,13 +415,19 @@ mod tests {
         Fake { id, closed: true }
     }
 
+    /// An idle list with each connection put the given number of seconds after `start`.
+    fn idle_list<const N: usize>(start: Instant, puts: [(Fake, u64); N]) -> Idle<Fake> {
+        let mut idle = Idle::default();
+        for (connection, seconds) in puts {
+            idle.put(connection, start + Duration::from_secs(seconds));
+        }
+        idle
+    }
+
     #[test]
     fn the_newest_open_connection_is_reused_first() {
         let start = Instant::now();
-        let mut idle = Idle::default();
-        idle.put(open(1), start);
-        idle.put(open(2), start + Duration::from_secs(1));
-        idle.put(closed(3), start + Duration::from_secs(2));
+        let mut idle = idle_list(start, [(open(1), 0), (open(2), 1), (closed(3), 2)]);
         let now = start + Duration::from_secs(3);
         assert_eq!(idle.take(now), Some(open(2)), "the closed one is skipped");
         assert_eq!(idle.take(now), Some(open(1)));
@@ -431,9 +437,7 @@ mod tests {
     #[test]
     fn connections_idle_past_the_timeout_are_never_reused() {
         let start = Instant::now();
-        let mut idle = Idle::default();
-        idle.put(open(1), start);
-        idle.put(open(2), start + Duration::from_secs(10));
+        let mut idle = idle_list(start, [(open(1), 0), (open(2), 10)]);
         // Exactly the timeout is still fine; a moment past it is not.
         assert_eq!(
             idle.take(start + IDLE_TIMEOUT + Duration::from_secs(10)),
@@ -448,11 +452,10 @@ mod tests {
     #[test]
     fn expiry_closes_the_expired_and_the_closed_and_keeps_the_rest_in_order() {
         let start = Instant::now();
-        let mut idle = Idle::default();
-        idle.put(open(1), start);
-        idle.put(closed(2), start + Duration::from_secs(20));
-        idle.put(open(3), start + Duration::from_secs(25));
-        idle.put(open(4), start + Duration::from_secs(26));
+        let mut idle = idle_list(
+            start,
+            [(open(1), 0), (closed(2), 20), (open(3), 25), (open(4), 26)],
+        );
         idle.expire(start + IDLE_TIMEOUT + Duration::from_secs(1));
         let left: Vec<u8> = idle.entries.iter().map(|(c, _)| c.id).collect();
         assert_eq!(left, [3, 4]);
