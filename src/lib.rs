@@ -38,6 +38,14 @@ use std::future::Future;
 
 use crate::config::Config;
 
+/// Locks `mutex`, poisoned or not: nothing in this crate panics while holding a lock, so a
+/// poisoned one still guards whole data.
+pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Builds a [`Server`] for `config` and serves on `listeners` until `shutdown` resolves.
 pub async fn run(
     config: &Config,

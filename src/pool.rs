@@ -9,7 +9,7 @@
 
 use std::future::poll_fn;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
@@ -24,6 +24,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::time::Instant;
 use tower::Service as _;
 
+use crate::lock;
 use crate::proxy::UpstreamBody;
 use crate::upstream::{BoxError, Connector};
 
@@ -259,13 +260,6 @@ impl From<TrySendError<Request<UpstreamBody>>> for Failed {
             unsent,
         }
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Nothing panics while holding these locks; a poisoned one holds consistent data.
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Idle HTTP/1.1 connections, most recently used last: reusing the newest keeps the fewest

@@ -6,7 +6,7 @@ use std::future::Future;
 use std::hash::Hash;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -23,6 +23,7 @@ use tokio::net::TcpStream;
 use tokio::sync::OnceCell;
 
 use crate::config::{Roots, Upstream};
+use crate::lock;
 
 pub use crate::pool::UpstreamClient;
 
@@ -447,13 +448,10 @@ impl<K, V> Clone for Coalesced<K, V> {
 
 impl<K: Eq + Hash + Clone, V: Clone> Coalesced<K, V> {
     async fn run(&self, key: K, work: impl Future<Output = V>) -> V {
-        let cell = {
-            let mut running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
-            running.entry(key.clone()).or_default().clone()
-        };
+        let cell = { lock(&self.running).entry(key.clone()).or_default().clone() };
         let value = cell.get_or_init(|| work).await.clone();
         // Done: the next caller starts afresh. (A newer cell under the key stays.)
-        let mut running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut running = lock(&self.running);
         if running
             .get(&key)
             .is_some_and(|current| Arc::ptr_eq(current, &cell))

@@ -19,6 +19,7 @@ use http::HeaderValue;
 
 use super::jwt::{Claims, Signer};
 use crate::config::TokenSettings;
+use crate::lock;
 
 /// Wall-clock time, injectable so that tests can move it.
 ///
@@ -213,7 +214,7 @@ impl TokenCache {
     }
 
     fn mint_inline(&self) {
-        let signer = self.lock_signer();
+        let signer = lock(&self.signer);
         // Whoever held the lock before us may have minted a fresh one already.
         let now = self.clock.now();
         if self.current.load().window.contains(now) {
@@ -231,7 +232,7 @@ impl TokenCache {
     /// The upstream refused `rejected` (a 401): unless a newer token is cached already, mint
     /// one now. Returns the value to retry with.
     pub fn reject(&self, rejected: &HeaderValue) -> HeaderValue {
-        let signer = self.lock_signer();
+        let signer = lock(&self.signer);
         let current = self.current.load();
         if current.authorization != rejected {
             return current.authorization.clone();
@@ -253,7 +254,7 @@ impl TokenCache {
     /// New credentials: every token from now on is signed with them, starting with one minted
     /// at once.
     pub fn replace_signer(&self, new: Signer) {
-        let mut signer = self.lock_signer();
+        let mut signer = lock(&self.signer);
         *signer = new;
         self.rotation_mints.fetch_add(1, Ordering::Relaxed);
         self.store(mint(
@@ -261,11 +262,6 @@ impl TokenCache {
             &self.settings,
             claims_at(&self.settings, self.clock.now()),
         ));
-    }
-
-    fn lock_signer(&self) -> std::sync::MutexGuard<'_, Signer> {
-        // Minting cannot panic half-way, so a poisoned lock still guards a whole signer.
-        self.signer.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn store(&self, minted: Minted) -> HeaderValue {
@@ -290,7 +286,7 @@ impl TokenCache {
 
     /// Re-mints if the refresh is due; returns whether it did.
     pub fn refresh_if_due(&self) -> bool {
-        let signer = self.lock_signer();
+        let signer = lock(&self.signer);
         if !self.refresh_due_in().is_zero() {
             return false;
         }
