@@ -69,11 +69,17 @@ struct Pool {
     authority: http::uri::Authority,
     /// HTTP/1.1's `Host`: the authority without a default port.
     host: HeaderValue,
-    idle: Mutex<Idle<http1::SendRequest<UpstreamBody>>>,
-    shared: Mutex<Option<http2::SendRequest<UpstreamBody>>>,
+    connections: Mutex<Connections>,
     /// Whether the task that closes idle connections runs: started with the first connection,
     /// inside the runtime.
     reaping: std::sync::Once,
+}
+
+/// The connections not in use: idle HTTP/1.1 ones, or the HTTP/2 one that all share.
+#[derive(Default)]
+struct Connections {
+    idle: Idle<http1::SendRequest<UpstreamBody>>,
+    shared: Option<http2::SendRequest<UpstreamBody>>,
 }
 
 enum Connection {
@@ -95,8 +101,7 @@ impl UpstreamClient {
                 scheme,
                 authority,
                 host,
-                idle: Mutex::new(Idle::default()),
-                shared: Mutex::new(None),
+                connections: Mutex::default(),
                 reaping: std::sync::Once::new(),
             }),
         }
@@ -131,10 +136,11 @@ impl UpstreamClient {
 
 impl Pool {
     fn checkout(&self) -> Option<Connection> {
-        if let Some(shared) = lock(&self.shared).as_ref().filter(|s| !s.is_closed()) {
-            return Some(Connection::Http2(shared.clone()));
+        let mut connections = lock(&self.connections);
+        match connections.shared.as_ref().filter(|s| !s.is_closed()) {
+            Some(shared) => Some(Connection::Http2(shared.clone())),
+            None => connections.idle.take(Instant::now()).map(Connection::Http1),
         }
-        lock(&self.idle).take(Instant::now()).map(Connection::Http1)
     }
 
     async fn send(
@@ -210,7 +216,7 @@ impl Pool {
                 .await
                 .map_err(|error| SendError::Connect(error.into()))?;
             tokio::spawn(run(connection));
-            *lock(&self.shared) = Some(sender.clone());
+            lock(&self.connections).shared = Some(sender.clone());
             Ok(Connection::Http2(sender))
         } else {
             let (sender, connection) = http1::handshake(io)
@@ -223,7 +229,7 @@ impl Pool {
 
     fn give_back(&self, sender: http1::SendRequest<UpstreamBody>) {
         if !sender.is_closed() {
-            lock(&self.idle).put(sender, Instant::now());
+            lock(&self.connections).idle.put(sender, Instant::now());
         }
     }
 }
@@ -242,7 +248,7 @@ async fn reap(pool: Weak<Pool>) {
     loop {
         ticks.tick().await;
         let Some(pool) = pool.upgrade() else { return };
-        lock(&pool.idle).expire(Instant::now());
+        lock(&pool.connections).idle.expire(Instant::now());
     }
 }
 
