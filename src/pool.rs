@@ -64,9 +64,8 @@ pub struct UpstreamClient {
 
 struct Pool {
     connector: Connector,
-    /// `scheme://authority`: what the connector dials, and HTTP/2's `:scheme` and `:authority`.
-    scheme: Scheme,
-    authority: http::uri::Authority,
+    /// `scheme://authority/`: what the connector dials, and HTTP/2's `:scheme` and `:authority`.
+    origin: Uri,
     /// HTTP/1.1's `Host`: the authority without a default port.
     host: HeaderValue,
     connections: Mutex<Connections>,
@@ -95,11 +94,16 @@ impl UpstreamClient {
             _ => authority.host(),
         };
         let host = HeaderValue::from_str(host).expect("an authority is a valid header value");
+        let origin = Uri::builder()
+            .scheme(scheme)
+            .authority(authority)
+            .path_and_query("/")
+            .build()
+            .expect("scheme and authority make a URI");
         Self {
             pool: Arc::new(Pool {
                 connector,
-                scheme,
-                authority,
+                origin,
                 host,
                 connections: Mutex::default(),
                 reaping: std::sync::Once::new(),
@@ -179,8 +183,8 @@ impl Pool {
                 if request.uri().scheme().is_none() {
                     // Handed back by an HTTP/1.1 connection, in origin-form.
                     let mut parts = std::mem::take(request.uri_mut()).into_parts();
-                    parts.scheme = Some(self.scheme.clone());
-                    parts.authority = Some(self.authority.clone());
+                    parts.scheme = self.origin.scheme().cloned();
+                    parts.authority = self.origin.authority().cloned();
                     *request.uri_mut() = Uri::from_parts(parts).expect("an absolute URI");
                 }
                 let response = sender.try_send_request(request).await?;
@@ -199,14 +203,8 @@ impl Pool {
         poll_fn(|cx| connector.poll_ready(cx))
             .await
             .map_err(SendError::Connect)?;
-        let destination = Uri::builder()
-            .scheme(self.scheme.clone())
-            .authority(self.authority.clone())
-            .path_and_query("/")
-            .build()
-            .expect("scheme and authority make a URI");
         let io = connector
-            .call(destination)
+            .call(self.origin.clone())
             .await
             .map_err(SendError::Connect)?;
         if io.connected().is_negotiated_h2() {
