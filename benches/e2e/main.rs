@@ -14,6 +14,7 @@
 //! and after, and how busy each core was during the run (anything above what our processes used
 //! is someone else's).
 
+mod floor;
 mod load;
 mod procs;
 
@@ -140,16 +141,19 @@ enum Kind {
     ProxyH2,
     NginxNjs,
     NginxStatic,
+    /// The least a forwarder on idmatch-proxy's stack does (floor.rs).
+    Floor,
 }
 
 impl Kind {
-    const ALL: [Kind; 6] = [
+    const ALL: [Kind; 7] = [
         Kind::Direct,
         Kind::Proxy { access_log: false },
         Kind::Proxy { access_log: true },
         Kind::ProxyH2,
         Kind::NginxNjs,
         Kind::NginxStatic,
+        Kind::Floor,
     ];
 
     /// Its name in `BENCH_TARGETS`.
@@ -161,6 +165,7 @@ impl Kind {
             Kind::ProxyH2 => "proxy-h2",
             Kind::NginxNjs => "njs",
             Kind::NginxStatic => "static",
+            Kind::Floor => "floor",
         }
     }
 
@@ -172,6 +177,7 @@ impl Kind {
             Kind::ProxyH2 => "idmatch-proxy, RUST_LOG=warn, upstream offers h2",
             Kind::NginxNjs => "nginx + njs peer (signs per request)",
             Kind::NginxStatic => "nginx, static header (no signing)",
+            Kind::Floor => "floor: bare hyper + rustls forwarder, static header",
         }
     }
 }
@@ -226,6 +232,10 @@ struct Row {
 }
 
 fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some(floor::ARG) {
+        floor::run(&args[1..]);
+    }
     let settings = Settings::from_env();
     procs::pin_self(settings.harness_cpu);
     preflight();
@@ -627,6 +637,25 @@ impl Bench {
                 None,
                 None,
             ),
+            Kind::Floor => {
+                let bearer = self.run.join("floor.bearer");
+                procs::write(&bearer, &self.bearer);
+                let exe = std::env::current_exe().expect("current_exe");
+                let mut command = procs::pinned(self.settings.sut_cpu, exe.to_str().unwrap());
+                command.arg(floor::ARG).args([
+                    &addr.to_string(),
+                    &upstream,
+                    self.ca.to_str().unwrap(),
+                    bearer.to_str().unwrap(),
+                ]);
+                (
+                    Some(Proc::spawn("floor", command)),
+                    addr,
+                    "/sim-swap",
+                    None,
+                    None,
+                )
+            }
         };
         let mut proc = proc;
         if let Some(proc) = proc.as_mut() {
@@ -832,6 +861,15 @@ impl Bench {
                 ours.max.wrk.rps / fixed,
             );
         }
+        if let (Some(floor), Some(ours)) = (find(Kind::Floor), ours) {
+            let _ = writeln!(
+                self.report,
+                "The floor (the same stack with nothing of ours on it) ÷ static nginx: **{:.2}** by \
+                 capacity; idmatch-proxy (warn) ÷ the floor: **{:.2}**.",
+                capacity(floor) / static_capacity,
+                capacity(ours) / capacity(floor),
+            );
+        }
     }
 
     /// The maximum again, `BENCH_ROUNDS` times, idmatch-proxy, the peer and static nginx in
@@ -842,6 +880,7 @@ impl Bench {
             Kind::Proxy { access_log: false },
             Kind::NginxNjs,
             Kind::NginxStatic,
+            Kind::Floor,
         ]
         .into_iter()
         .filter(|k| self.settings.targets.contains(k))

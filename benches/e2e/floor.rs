@@ -1,0 +1,106 @@
+//! The floor: the least a forwarder built on idmatch-proxy's fixed stack (tokio with one worker,
+//! hyper's HTTP/1.1 server and client connections, rustls with ring) can do per request. Each
+//! client connection gets its own upstream TLS connection; each request gets the upstream path,
+//! `Host` and a fixed `Authorization`, and nothing else: no pool, no token, no limits, no
+//! metrics, no log. What idmatch-proxy costs above this is its own; what this costs above static
+//! nginx is the stack's.
+//!
+//! The bench driver runs it as `e2e floor LISTEN UPSTREAM CA BEARER_FILE` (the file holds
+//! the whole `Authorization` value), pinned like any
+//! other system under test.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use http::header::{AUTHORIZATION, HOST};
+use http::{HeaderValue, Request, Uri};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::ServerName;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsConnector;
+
+/// The first argument that makes this binary the floor forwarder rather than the bench driver.
+pub const ARG: &str = "floor";
+
+struct Upstream {
+    addr: SocketAddr,
+    tls: TlsConnector,
+    host: HeaderValue,
+    authorization: HeaderValue,
+}
+
+/// Serves until killed; `args` follow [`ARG`].
+pub fn run(args: &[String]) -> ! {
+    let [listen, upstream, ca, bearer_file] = args else {
+        panic!("usage: e2e {ARG} LISTEN UPSTREAM CA BEARER_FILE");
+    };
+    let bearer = std::fs::read_to_string(bearer_file).expect("bearer file");
+    let mut tls = (*super::load::tls_config(Path::new(ca))).clone();
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let upstream = Arc::new(Upstream {
+        addr: upstream.parse().expect("UPSTREAM: host:port"),
+        tls: TlsConnector::from(Arc::new(tls)),
+        host: HeaderValue::from_static("localhost"),
+        authorization: HeaderValue::try_from(bearer.trim()).expect("BEARER_FILE: a header value"),
+    });
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let listener = TcpListener::bind(listen.as_str()).await.expect("LISTEN");
+        loop {
+            let Ok((client, _)) = listener.accept().await else {
+                continue;
+            };
+            let upstream = upstream.clone();
+            tokio::spawn(async move {
+                let _ = client.set_nodelay(true);
+                if let Ok(sender) = upstream.connect().await {
+                    serve(client, sender, upstream).await;
+                }
+            });
+        }
+    });
+    unreachable!("the accept loop does not end")
+}
+
+impl Upstream {
+    async fn connect(&self) -> std::io::Result<SendRequest<Incoming>> {
+        let tcp = TcpStream::connect(self.addr).await?;
+        tcp.set_nodelay(true)?;
+        let name = ServerName::try_from("localhost").expect("server name");
+        let tls = self.tls.connect(name, tcp).await?;
+        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .map_err(std::io::Error::other)?;
+        tokio::spawn(connection);
+        Ok(sender)
+    }
+}
+
+async fn serve(client: TcpStream, sender: SendRequest<Incoming>, upstream: Arc<Upstream>) {
+    // hyper's server hands over one request at a time per connection, so the lock never waits;
+    // it only lets the `Fn` service reach the connection's one sender.
+    let sender = Arc::new(tokio::sync::Mutex::new(sender));
+    let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
+        let (sender, upstream) = (sender.clone(), upstream.clone());
+        async move {
+            let path = format!("/mobile-identity/v1{}", request.uri().path());
+            *request.uri_mut() = Uri::try_from(path).expect("path");
+            let headers = request.headers_mut();
+            headers.insert(HOST, upstream.host.clone());
+            headers.insert(AUTHORIZATION, upstream.authorization.clone());
+            let mut sender = sender.lock().await;
+            sender.ready().await?;
+            sender.send_request(request).await
+        }
+    });
+    let _ = hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(client), service)
+        .await;
+}
