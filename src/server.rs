@@ -12,18 +12,19 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
+use atomic_waker::AtomicWaker;
 use http::Version;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulConnection;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Notify};
+use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -122,7 +123,7 @@ impl Server {
             self.draining.clone(),
         ));
         let http = self.http_builder();
-        let (phase, phase_changes) = watch::channel(Phase::Serving);
+        let phases = Arc::new(Phases::new());
         let mut connections = JoinSet::new();
         let listener = listeners.proxy;
         let drain = tokio::time::sleep(Duration::MAX);
@@ -156,12 +157,12 @@ impl Server {
                     });
                     let io = TokioIo::new(Tracked { inner: stream, activity: activity.clone() });
                     let connection = http.serve_connection(io, service).into_owned();
-                    connections.spawn(drive(connection, activity, self.limits.clone(), phase_changes.clone(), peer));
+                    connections.spawn(drive(connection, activity, self.limits.clone(), phases.clone(), peer));
                 }
                 () = &mut shutdown, if !draining => {
                     draining = true;
                     self.draining.store(true, Ordering::SeqCst);
-                    let _ = phase.send(Phase::Draining);
+                    phases.set(Phase::Draining);
                     drain.as_mut().reset(Instant::now() + self.drain_delay);
                     tracing::info!(drain_delay = ?self.drain_delay, "draining: readiness is 503; still accepting");
                 }
@@ -171,7 +172,7 @@ impl Server {
         }
 
         drop(listener);
-        let _ = phase.send(Phase::Stopping);
+        phases.set(Phase::Stopping);
         tracing::info!(
             connections = connections.len(),
             "stopped accepting; waiting for in-flight requests"
@@ -213,62 +214,142 @@ impl Server {
 
 /// Serves one connection to its end, enforcing the header and idle timeouts and following the
 /// shutdown phases.
+///
+/// A plain future rather than a `select!` loop: this is polled at every wake-up for the socket,
+/// several times a request, and a `select!` would poll each of its branches each time (a waiting
+/// `Notified` takes its `Notify`'s lock at every poll, and would be registered and dropped again
+/// at every turn of the loop). Here the timer is polled only while a deadline runs, moved only
+/// when the deadline moves, and the phase only looked at when [`Signal`] says something changed.
 async fn drive<C>(
     connection: C,
     activity: Arc<Activity>,
     limits: ClientLimits,
-    mut phase: watch::Receiver<Phase>,
+    phases: Arc<Phases>,
     peer: std::net::SocketAddr,
 ) where
     C: GracefulConnection,
     C::Error: std::fmt::Display,
 {
     tokio::pin!(connection);
-    // One timer for the connection's life, moved to each new deadline: idle deadlines only move
-    // later, which tokio does without touching its timer wheel.
     let timer = tokio::time::sleep_until(Instant::now());
     tokio::pin!(timer);
+    // The deadline `timer` is set to, while one runs.
+    let mut armed = None;
+    let phase_changed = phases.changed.notified();
+    tokio::pin!(phase_changed);
+    let signal = Waker::from(activity.signal.clone());
+    let mut seen = Phase::Serving;
     let mut closing = false;
-    loop {
-        let deadline = activity.deadline(&limits);
-        if let Some(deadline) = deadline {
-            timer.as_mut().reset(deadline);
-        }
-        tokio::select! {
-            result = connection.as_mut() => {
-                if let Err(error) = result {
-                    tracing::debug!(%peer, %error, "connection ended with an error");
-                }
-                return;
+    std::future::poll_fn(|cx| loop {
+        if let Poll::Ready(result) = connection.as_mut().poll(cx) {
+            if let Err(error) = result {
+                tracing::debug!(%peer, %error, "connection ended with an error");
             }
-            changed = phase.changed(), if !closing => {
-                let stop = match changed.map(|()| *phase.borrow_and_update()) {
-                    Ok(Phase::Serving) => false,
+            return Poll::Ready(());
+        }
+        activity.signal.task.register(cx.waker());
+        if activity.signal.raised.swap(false, Ordering::AcqRel) {
+            // Registered again before the phase is read, so that a change after the read
+            // raises the signal once more.
+            let mut signalled = Context::from_waker(&signal);
+            while phase_changed.as_mut().poll(&mut signalled).is_ready() {
+                phase_changed.set(phases.changed.notified());
+            }
+            let phase = phases.get();
+            if phase != seen && !closing {
+                seen = phase;
+                let stop = match phase {
+                    Phase::Serving => false,
                     // HTTP/1 connections learn it from `Connection: close` on their next
                     // response instead: closing them now could race a request in flight.
-                    Ok(Phase::Draining) => activity.is_h2.load(Ordering::Relaxed),
-                    Ok(Phase::Stopping) | Err(_) => true,
+                    Phase::Draining => activity.is_h2.load(Ordering::Relaxed),
+                    Phase::Stopping => true,
                 };
                 if stop {
                     connection.as_mut().graceful_shutdown();
                     closing = true;
+                    continue;
                 }
             }
-            () = timer.as_mut(), if deadline.is_some() => {
-                match activity.expired(&limits) {
-                    Some(Expired::Head) => {
-                        tracing::debug!(%peer, timeout = ?limits.header_timeout, "request head too slow; closing");
-                        return;
-                    }
-                    Some(Expired::Idle) if !closing => {
-                        connection.as_mut().graceful_shutdown();
-                        closing = true;
-                    }
-                    _ => {}
-                }
-            }
-            () = activity.changed.notified() => {}
         }
+        let deadline = activity.deadline(&limits);
+        if deadline != armed {
+            if let Some(deadline) = deadline {
+                timer.as_mut().reset(deadline);
+            }
+            armed = deadline;
+        }
+        if armed.is_some() && timer.as_mut().poll(cx).is_ready() {
+            match activity.expired(&limits) {
+                Some(Expired::Head) => {
+                    tracing::debug!(%peer, timeout = ?limits.header_timeout, "request head too slow; closing");
+                    return Poll::Ready(());
+                }
+                Some(Expired::Idle) if !closing => {
+                    connection.as_mut().graceful_shutdown();
+                    closing = true;
+                    continue;
+                }
+                // Idle while already closing: nothing more to do but let the connection end.
+                _ => {}
+            }
+        }
+        return Poll::Pending;
+    })
+    .await;
+}
+
+/// Where the process is in its life, for every connection to follow.
+struct Phases {
+    current: AtomicU8,
+    changed: Notify,
+}
+
+impl Phases {
+    fn new() -> Self {
+        Self {
+            current: AtomicU8::new(Phase::Serving as u8),
+            changed: Notify::new(),
+        }
+    }
+
+    fn set(&self, phase: Phase) {
+        self.current.store(phase as u8, Ordering::SeqCst);
+        self.changed.notify_waiters();
+    }
+
+    fn get(&self) -> Phase {
+        match self.current.load(Ordering::SeqCst) {
+            0 => Phase::Serving,
+            1 => Phase::Draining,
+            _ => Phase::Stopping,
+        }
+    }
+}
+
+/// Wakes a connection's task for what happens outside its own poll (the shutdown phase
+/// changes; an HTTP/2 stream, which runs in a task of its own, finishes) and remembers that it
+/// did, so that [`drive`] looks at those only then. Raised when made: the first poll registers
+/// for the phase and reads it.
+struct Signal {
+    raised: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl Signal {
+    fn raise(&self) {
+        self.raised.store(true, Ordering::Release);
+        self.task.wake();
+    }
+}
+
+impl Wake for Signal {
+    fn wake(self: Arc<Self>) {
+        self.raise();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.raise();
     }
 }
 
@@ -280,8 +361,7 @@ pub struct Activity {
     idle_since: AtomicU64,
     head_started: AtomicU64,
     is_h2: AtomicBool,
-    /// Woken when the connection goes idle, so that `drive` arms the idle timer.
-    changed: Notify,
+    signal: Arc<Signal>,
 }
 
 enum Expired {
@@ -298,7 +378,10 @@ impl Activity {
             idle_since: AtomicU64::new(1),
             head_started: AtomicU64::new(1),
             is_h2: AtomicBool::new(false),
-            changed: Notify::new(),
+            signal: Arc::new(Signal {
+                raised: AtomicBool::new(true),
+                task: AtomicWaker::new(),
+            }),
         }
     }
 
@@ -323,7 +406,11 @@ impl Activity {
     pub fn request_finished(&self) {
         if self.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.idle_since.store(self.now(), Ordering::SeqCst);
-            self.changed.notify_one();
+            // An HTTP/1 request finishes within its connection's poll, after which `drive`
+            // looks at the deadline anyway; waking it as well would cost a poll for nothing.
+            if self.is_h2.load(Ordering::Relaxed) {
+                self.signal.raise();
+            }
         }
     }
 

@@ -492,6 +492,87 @@ async fn draining_turns_readiness_off_keeps_serving_and_closes_http1_connections
     stopped.await.unwrap();
 }
 
+/// An h2c connection to the proxy, with one request answered over it, and a task that ends when
+/// the proxy closes the connection. Dropping the sender would close it from our side.
+async fn h2c_connection(
+    proxy: &Proxy,
+) -> (
+    hyper::client::conn::http2::SendRequest<http_body_util::Full<Bytes>>,
+    tokio::task::JoinHandle<()>,
+) {
+    let tcp = TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    let closed = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let response = sender.send_request(get(&proxy.url("/h2c"))).await.unwrap();
+    assert_eq!(collect(response).await.status, StatusCode::OK);
+    (sender, closed)
+}
+
+#[tokio::test]
+async fn an_h2c_connection_is_closed_at_the_idle_timeout_after_its_last_stream() {
+    // The stream ends in a task of its own, not in the connection's: the idle clock must start
+    // all the same.
+    let (_upstream, proxy, _config) =
+        stack_with(Duration::ZERO, &[("IDMATCH_CLIENT_IDLE_TIMEOUT", "500ms")]).await;
+    let idle_since = Instant::now();
+    let (_sender, closed) = h2c_connection(&proxy).await;
+    tokio::time::timeout(Duration::from_secs(5), closed)
+        .await
+        .expect("closed at the idle timeout")
+        .unwrap();
+    let closed_after = idle_since.elapsed();
+    assert!(
+        closed_after >= Duration::from_millis(400),
+        "{closed_after:?}"
+    );
+}
+
+#[tokio::test]
+async fn draining_closes_h2c_connections_at_once_and_idle_http1_ones_at_the_stop() {
+    let (_upstream, proxy, _config) =
+        stack_with(Duration::ZERO, &[("IDMATCH_DRAIN_DELAY", "1500ms")]).await;
+    let (_sender, h2c) = h2c_connection(&proxy).await;
+    let mut http1 = TcpStream::connect(proxy.addr).await.unwrap();
+    http1
+        .write_all(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = http1.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    let http1 = tokio::spawn(async move { time_until_closed(&mut http1).await });
+
+    let draining = Instant::now();
+    let stopped = tokio::spawn(proxy.stop());
+    // GOAWAY, and the idle connection ends, well before the drain delay is over...
+    tokio::time::timeout(Duration::from_millis(1000), h2c)
+        .await
+        .expect("h2c closed when draining began")
+        .unwrap();
+    // ...while an idle HTTP/1 connection, which would learn of the drain from its next
+    // response, stays open until the listener closes.
+    let http1_closed = tokio::time::timeout(Duration::from_secs(5), http1)
+        .await
+        .expect("HTTP/1 closed at the stop")
+        .unwrap();
+    assert!(
+        draining.elapsed() >= Duration::from_millis(1400)
+            && http1_closed >= Duration::from_millis(1400),
+        "HTTP/1 closed after {http1_closed:?}"
+    );
+    tokio::time::timeout(Duration::from_secs(5), stopped)
+        .await
+        .expect("stopped without waiting for the shutdown timeout")
+        .unwrap();
+}
+
 #[tokio::test]
 async fn shutdown_waits_for_in_flight_requests_within_the_timeout() {
     let (_upstream, proxy, _config) = stack_with(
