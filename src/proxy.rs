@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes};
+use bytes::{Buf, Bytes, BytesMut};
 use http::header::{AUTHORIZATION, CONNECTION, TRANSFER_ENCODING};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
@@ -398,17 +398,37 @@ impl Kept {
 }
 
 /// Reads a body of announced `length` (at most `upstream.replay_buffer_bytes`), holding no
-/// more than that whatever the client sends. Trailers are dropped: only HTTP/2 can carry them
-/// on a body of known length, and CM.com's API is JSON.
+/// more than that whatever the client sends. Usually it is one frame, kept as it is; pieces are
+/// joined. Trailers are dropped: only HTTP/2 can carry them on a body of known length, and
+/// CM.com's API is JSON.
 async fn collect(body: Incoming, length: u64) -> Result<Bytes, ProxyError> {
-    match Streamed::new(body, length).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(RequestBodyError::Read(error)) => Err(ProxyError::RequestBody(error.to_string())),
-        // Unreachable with hyper's own checks, which come first; kept as the memory bound.
-        Err(RequestBodyError::TooLong) => Err(ProxyError::RequestBody(
-            "longer than its Content-Length".to_owned(),
-        )),
+    let mut body = Streamed::new(body, length);
+    let mut first = Bytes::new();
+    let mut joined: Option<BytesMut> = None;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|error| match error {
+            RequestBodyError::Read(error) => ProxyError::RequestBody(error.to_string()),
+            // Unreachable with hyper's own checks, which come first; kept as the memory bound.
+            RequestBodyError::TooLong => {
+                ProxyError::RequestBody("longer than its Content-Length".to_owned())
+            }
+        })?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        match &mut joined {
+            Some(joined) => joined.extend_from_slice(&data),
+            None if first.is_empty() => first = data,
+            None => {
+                // `length` is bounded by `upstream.replay_buffer_bytes`.
+                let mut all = BytesMut::with_capacity(length as usize);
+                all.extend_from_slice(&first);
+                all.extend_from_slice(&data);
+                joined = Some(all);
+            }
+        }
     }
+    Ok(joined.map_or(first, BytesMut::freeze))
 }
 
 /// Reads what is left of a response we discard, within [`DRAIN_LIMIT`] and [`DRAIN_TIMEOUT`].

@@ -156,6 +156,40 @@ async fn a_401_is_replayed_once_with_a_fresh_token() {
 }
 
 #[tokio::test]
+async fn a_kept_body_that_arrives_in_pieces_is_sent_whole_both_times() {
+    let pki = TestPki::localhost();
+    let (seen, clock) = (Seen::default(), Arc::default());
+    let upstream = refusing_first_token(&pki, &seen, &clock, 1).await;
+    let proxy = Proxy::start_with_clock(&ProxyConfig::new(&upstream.url(BASE), &pki), clock).await;
+    let body = br#"{"phoneNumber":"+31610000001","serviceType":"24h"}"#;
+
+    let mut client = TcpStream::connect(proxy.addr).await.unwrap();
+    let head = format!(
+        "POST /sim-swap HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    client.write_all(head.as_bytes()).await.unwrap();
+    for piece in body.chunks(20) {
+        // Apart in time, so that the proxy reads them as separate frames.
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        client.write_all(piece).await.unwrap();
+    }
+    let mut response = vec![0u8; 4096];
+    let n = client.read(&mut response).await.unwrap();
+    assert!(
+        response[..n].starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&response[..n])
+    );
+
+    let seen = seen.all();
+    assert_eq!(seen.len(), 2, "refused, then replayed");
+    for (_, received) in &seen {
+        assert_eq!(received, &body[..]);
+    }
+}
+
+#[tokio::test]
 async fn concurrent_401s_for_one_token_mint_once() {
     const REQUESTS: usize = 8;
     let pki = TestPki::localhost();
