@@ -73,7 +73,10 @@ impl Observer {
         let mut finish = Finish {
             entry: Entry {
                 method: request.method().clone(),
-                target: self.loggable_target(request.uri()),
+                target: LoggedTarget {
+                    uri: request.uri().clone(),
+                    redact_query: self.redact_query,
+                },
                 request_id: request_id.clone(),
                 started,
             },
@@ -119,13 +122,23 @@ impl Observer {
         }
         response.map(|inner| ObservedBody { inner, finish })
     }
+}
 
-    /// The path, and the query unless it is redacted: it can hold phone numbers.
-    fn loggable_target(&self, uri: &http::Uri) -> String {
-        match (uri.query(), self.redact_query) {
-            (Some(_), true) => format!("{}?<redacted>", uri.path()),
-            (Some(query), false) => format!("{}?{query}", uri.path()),
-            (None, _) => uri.path().to_owned(),
+/// The request target as the access log shows it: the path, and the query unless it is
+/// redacted (it can hold phone numbers). The client's `Uri` shares hyper's read buffer, so
+/// keeping it costs no copy; the text is made only if the line is written.
+struct LoggedTarget {
+    uri: http::Uri,
+    redact_query: bool,
+}
+
+impl std::fmt::Display for LoggedTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.uri.path())?;
+        match (self.uri.query(), self.redact_query) {
+            (Some(_), true) => f.write_str("?<redacted>"),
+            (Some(query), false) => write!(f, "?{query}"),
+            (None, _) => Ok(()),
         }
     }
 }
@@ -133,7 +146,7 @@ impl Observer {
 /// What the access log needs from the request.
 struct Entry {
     method: Method,
-    target: String,
+    target: LoggedTarget,
     request_id: HeaderValue,
     started: Instant,
 }
@@ -251,7 +264,11 @@ impl RequestIds {
         let mut id = [0; 32];
         id[..16].copy_from_slice(&self.prefix);
         id[16..].copy_from_slice(&hex(self.counter.fetch_add(1, Ordering::Relaxed)));
-        HeaderValue::from_bytes(&id).expect("hex digits are a valid header value")
+        // Shared from the start: the id is cloned into the upstream request, the log entry and
+        // the response, and a copied `Vec` would be moved to shared storage at the first clone,
+        // a second allocation.
+        HeaderValue::from_maybe_shared(Bytes::from_owner(id))
+            .expect("hex digits are a valid header value")
     }
 }
 
