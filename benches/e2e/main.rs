@@ -8,7 +8,8 @@
 //! - core 0, the harness: this driver, wrk, our open-loop generator, the upstream stub (nginx,
 //!   1 worker) and, for the upload, the in-process mock upstream;
 //! - core 1, the system under test, alone: idmatch-proxy (`IDMATCH_WORKER_THREADS=1`), the
-//!   nginx + njs peer (1 worker), or nginx with a static header (1 worker). One at a time.
+//!   nginx + njs peer (1 worker), nginx with a static header (1 worker), or the floor: this
+//!   binary as a bare forwarder on idmatch-proxy's stack (floor.rs). One at a time.
 //!
 //! Every number that depends on the machine's load comes with the load: the load average before
 //! and after, and how busy each core was during the run (anything above what our processes used
