@@ -114,27 +114,55 @@ impl UpstreamClient {
     /// One exchange: on a pooled connection if one is free, else on a new one. A request that
     /// a pooled connection hands back unsent (it was closing) goes on to the next, or to a new
     /// connection; one that a new connection hands back is the caller's to retry.
+    ///
+    /// The exchange is written out here rather than in a function of its own: each layer of
+    /// async functions moves the request and the response once more.
     pub async fn request(
         &self,
         mut request: Request<UpstreamBody>,
     ) -> Result<Response<PooledBody>, SendError> {
-        while let Some(connection) = self.pool.checkout() {
-            match self.pool.send(connection, request).await {
-                Ok(response) => return Ok(response),
-                Err(Failed {
+        loop {
+            let (connection, pooled) = match self.pool.checkout() {
+                Some(connection) => (connection, true),
+                // Boxed: the TLS and HTTP/2 handshakes make this future several KiB, which every
+                // request's future would otherwise carry (and move) while it is rarely needed.
+                None => (Box::pin(self.pool.connect()).await?, false),
+            };
+            let failed = match connection {
+                Connection::Http1(mut sender) => match sender.ready().await {
+                    Err(error) => Failed::unsent(error, request),
+                    Ok(()) => {
+                        self.pool.to_origin_form(&mut request);
+                        match sender.try_send_request(request).await {
+                            Ok(response) => {
+                                let pool = Arc::downgrade(&self.pool);
+                                return Ok(
+                                    response.map(|body| PooledBody::returning(body, pool, sender))
+                                );
+                            }
+                            Err(error) => Failed::from(error),
+                        }
+                    }
+                },
+                Connection::Http2(mut sender) => match sender.ready().await {
+                    Err(error) => Failed::unsent(error, request),
+                    Ok(()) => {
+                        self.pool.to_absolute_form(&mut request);
+                        match sender.try_send_request(request).await {
+                            Ok(response) => return Ok(response.map(PooledBody::shared)),
+                            Err(error) => Failed::from(error),
+                        }
+                    }
+                },
+            };
+            match failed {
+                Failed {
                     unsent: Some(unsent),
                     ..
-                }) => request = unsent,
-                Err(failed) => return Err(SendError::Exchange(failed.error)),
+                } if pooled => request = unsent,
+                failed => return Err(SendError::Exchange(failed.error)),
             }
         }
-        // Boxed: the TLS and HTTP/2 handshakes make this future several KiB, which every
-        // request's future would otherwise carry (and move) while it is rarely needed.
-        let connection = Box::pin(self.pool.connect()).await?;
-        self.pool
-            .send(connection, request)
-            .await
-            .map_err(|failed| SendError::Exchange(failed.error))
     }
 }
 
@@ -147,49 +175,25 @@ impl Pool {
         }
     }
 
-    async fn send(
-        self: &Arc<Self>,
-        connection: Connection,
-        mut request: Request<UpstreamBody>,
-    ) -> Result<Response<PooledBody>, Failed> {
-        match connection {
-            Connection::Http1(mut sender) => {
-                if let Err(error) = sender.ready().await {
-                    return Err(Failed {
-                        error,
-                        unsent: Some(request),
-                    });
-                }
-                let target = request.uri().path_and_query().cloned();
-                *request.uri_mut() =
-                    Uri::from(target.unwrap_or_else(|| PathAndQuery::from_static("/")));
-                // In place of the client's, which is first in nearly every request: the order of
-                // the other fields is kept.
-                request.headers_mut().insert(HOST, self.host.clone());
-                let response = sender.try_send_request(request).await?;
-                let pool = Arc::downgrade(self);
-                Ok(response.map(|body| PooledBody::returning(body, pool, sender)))
-            }
-            Connection::Http2(mut sender) => {
-                if let Err(error) = sender.ready().await {
-                    return Err(Failed {
-                        error,
-                        unsent: Some(request),
-                    });
-                }
-                // HTTP/2 carries the authority in `:authority`; a `Host` beside it is refused by
-                // some servers (nginx: 400, "duplicate host header").
-                request.headers_mut().remove(HOST);
-                if request.uri().scheme().is_none() {
-                    // Handed back by an HTTP/1.1 connection, in origin-form.
-                    let mut parts = std::mem::take(request.uri_mut()).into_parts();
-                    parts.scheme = self.origin.scheme().cloned();
-                    parts.authority = self.origin.authority().cloned();
-                    *request.uri_mut() = Uri::from_parts(parts).expect("an absolute URI");
-                }
-                let response = sender.try_send_request(request).await?;
-                Ok(response.map(PooledBody::shared))
-            }
+    /// HTTP/1.1's request target and `Host`: origin-form, and the upstream's `Host` in place of
+    /// the client's, which is first in nearly every request, so that the order of the other
+    /// fields is kept.
+    fn to_origin_form(&self, request: &mut Request<UpstreamBody>) {
+        let target = request.uri().path_and_query().cloned();
+        *request.uri_mut() = Uri::from(target.unwrap_or_else(|| PathAndQuery::from_static("/")));
+        request.headers_mut().insert(HOST, self.host.clone());
+    }
+
+    /// HTTP/2 carries the authority in `:authority`; a `Host` beside it is refused by some
+    /// servers (nginx: 400, "duplicate host header").
+    fn to_absolute_form(&self, request: &mut Request<UpstreamBody>) {
+        request.headers_mut().remove(HOST);
+        if request.uri().scheme().is_none() {
+            // Handed back by an HTTP/1.1 connection, in origin-form.
+            let mut parts = std::mem::take(request.uri_mut()).into_parts();
+            parts.scheme = self.origin.scheme().cloned();
+            parts.authority = self.origin.authority().cloned();
+            *request.uri_mut() = Uri::from_parts(parts).expect("an absolute URI");
         }
     }
 
@@ -254,6 +258,15 @@ async fn reap(pool: Weak<Pool>) {
 struct Failed {
     error: hyper::Error,
     unsent: Option<Request<UpstreamBody>>,
+}
+
+impl Failed {
+    fn unsent(error: hyper::Error, request: Request<UpstreamBody>) -> Self {
+        Self {
+            error,
+            unsent: Some(request),
+        }
+    }
 }
 
 impl From<TrySendError<Request<UpstreamBody>>> for Failed {

@@ -12,6 +12,7 @@
 //! with backpressure, and is never sent twice. A response timeout is never retried: the upstream
 //! may be processing the request, and CM.com's calls are POSTs.
 
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,6 +28,7 @@ use http_body_util::{BodyExt, Either, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Timeout;
 
 use crate::config::Config;
 use crate::error::ProxyError;
@@ -248,44 +250,48 @@ impl Proxy {
         authorization
     }
 
-    /// Sends a kept request; after a 401, once more with a fresh token.
+    /// Sends a kept request: once more each time it was never written, and once more with a
+    /// fresh token after a 401. One loop rather than a layer per rule: every layer would move
+    /// the request and the response once more.
     async fn forward_kept(
         &self,
         mut kept: Kept,
         sent: &HeaderValue,
     ) -> Result<Response<PooledBody>, ProxyError> {
-        let response = self.send_kept(&kept).await?;
-        if response.status() != StatusCode::UNAUTHORIZED {
-            return Ok(response);
-        }
-        drain(response.into_body()).await;
-        kept.headers.insert(AUTHORIZATION, self.tokens.reject(sent));
-        self.metrics.retries.get_or_create(&UNAUTHORIZED).inc();
-        tracing::debug!("upstream answered 401; replaying with a fresh token");
-        let response = self.send_kept(&kept).await?;
-        if response.status() == StatusCode::UNAUTHORIZED {
-            tracing::warn!("upstream refused a freshly minted token too: check the credentials");
-        }
-        Ok(response)
-    }
-
-    /// Sends a kept request; if it was never written, once more.
-    async fn send_kept(&self, kept: &Kept) -> Result<Response<PooledBody>, ProxyError> {
-        match self.send(kept.request()).await? {
-            Err(error) if error.never_written() => {
-                let error = ProxyError::from_upstream(error);
-                // The same certificate would be presented again.
-                if matches!(error, ProxyError::TlsCertificate(_)) {
-                    return Err(error);
+        let mut replayed = false;
+        let mut resent = false;
+        loop {
+            let response = match self.send(kept.request()).await {
+                Ok(Ok(response)) => response,
+                Ok(Err(error)) if error.never_written() && !resent => {
+                    let error = ProxyError::from_upstream(error);
+                    // The same certificate would be presented again.
+                    if matches!(error, ProxyError::TlsCertificate(_)) {
+                        return Err(error);
+                    }
+                    self.count_connect_error(&error);
+                    self.metrics.retries.get_or_create(&CONNECT).inc();
+                    tracing::debug!(code = error.code(), %error, "request not sent; sending it again");
+                    resent = true;
+                    continue;
                 }
-                self.count_connect_error(&error);
-                self.metrics.retries.get_or_create(&CONNECT).inc();
-                tracing::debug!(code = error.code(), %error, "request not sent; sending it again");
-                self.send(kept.request())
-                    .await?
-                    .map_err(ProxyError::from_upstream)
+                Ok(Err(error)) => return Err(ProxyError::from_upstream(error)),
+                Err(_) => return Err(ProxyError::ResponseTimeout(self.response_timeout)),
+            };
+            if response.status() != StatusCode::UNAUTHORIZED {
+                return Ok(response);
             }
-            sent => sent.map_err(ProxyError::from_upstream),
+            if replayed {
+                tracing::warn!(
+                    "upstream refused a freshly minted token too: check the credentials"
+                );
+                return Ok(response);
+            }
+            drain(response.into_body()).await;
+            kept.headers.insert(AUTHORIZATION, self.tokens.reject(sent));
+            self.metrics.retries.get_or_create(&UNAUTHORIZED).inc();
+            tracing::debug!("upstream answered 401; replaying with a fresh token");
+            (replayed, resent) = (true, false);
         }
     }
 
@@ -301,7 +307,8 @@ impl Proxy {
         let ended = body.ended.clone();
         let mut response = match self
             .send(Request::from_parts(parts, Either::Right(body)))
-            .await?
+            .await
+            .map_err(|_| ProxyError::ResponseTimeout(self.response_timeout))?
         {
             Ok(response) => response,
             // When the client's body failed (over the limit, or unreadable: bad chunked
@@ -326,15 +333,13 @@ impl Proxy {
     }
 
     /// One exchange, waiting at most `upstream.response_timeout` for the response head. The
-    /// outer error is that timeout, which ends the request; the client's own error is left to
-    /// the caller to judge.
-    async fn send(
+    /// timeout ends the request; the client's own error is left to the caller to judge. Not an
+    /// `async fn`: one layer less to move the request and the response through.
+    fn send(
         &self,
         request: Request<UpstreamBody>,
-    ) -> Result<Result<Response<PooledBody>, SendError>, ProxyError> {
+    ) -> Timeout<impl Future<Output = Result<Response<PooledBody>, SendError>> + '_> {
         tokio::time::timeout(self.response_timeout, self.client.request(request))
-            .await
-            .map_err(|_| ProxyError::ResponseTimeout(self.response_timeout))
     }
 
     fn count_connect_error(&self, error: &ProxyError) {
