@@ -41,12 +41,15 @@ pub fn rewrite_request(headers: &mut HeaderMap, authorization: HeaderValue) {
 /// removed in place (nginx ends every response with `Connection: keep-alive`: benches/README.md);
 /// if others remain, the map is rebuilt. Usually there is nothing to remove or rebuild.
 fn strip(headers: &mut HeaderMap, request: bool) {
+    let fixed =
+        |name: &HeaderName| HOP_BY_HOP.contains(name) || (request && name == PROXY_AUTHORIZATION);
+    // `Connection` is on the fixed list: without any of those, nothing else is named either,
+    // and one look at each name settles it (the usual request).
+    if !headers.keys().any(fixed) {
+        return;
+    }
     let named = connection_named(headers);
-    let doomed = |name: &HeaderName| {
-        HOP_BY_HOP.contains(name)
-            || named.contains(name)
-            || (request && name == PROXY_AUTHORIZATION)
-    };
+    let doomed = |name: &HeaderName| fixed(name) || named.contains(name);
     while let Some(last) = headers.keys().last().filter(|name| doomed(name)).cloned() {
         headers.remove(&last);
     }
