@@ -2,6 +2,7 @@
 //! log line and the request metrics. The log line and the metrics are written when the
 //! response body ends (or is abandoned), so that durations and byte counts are the real ones.
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -26,6 +27,7 @@ pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const ACCESS: &str = "idmatch_proxy::access";
 
 pub struct Observer {
+    proxy: Arc<Proxy>,
     metrics: Arc<Metrics>,
     in_flight: Arc<Semaphore>,
     redact_query: bool,
@@ -35,12 +37,14 @@ pub struct Observer {
 
 impl Observer {
     pub fn new(
+        proxy: Arc<Proxy>,
         metrics: Arc<Metrics>,
         max_in_flight: usize,
         redact_query: bool,
         draining: Arc<AtomicBool>,
     ) -> Self {
         Self {
+            proxy,
             metrics,
             in_flight: Arc::new(Semaphore::new(max_in_flight)),
             redact_query,
@@ -49,13 +53,14 @@ impl Observer {
         }
     }
 
+    /// Answers one request: the service of every client connection. It owns what it uses, so
+    /// that hyper can hold it as is, without another future around it to keep that alive.
     pub async fn handle(
-        &self,
-        proxy: &Proxy,
+        self: Arc<Self>,
         mut request: Request<Incoming>,
         local: SocketAddr,
         activity: Arc<Activity>,
-    ) -> Response<ObservedBody> {
+    ) -> Result<Response<ObservedBody>, Infallible> {
         let started = Instant::now();
         let request_id = match request.headers().get(&X_REQUEST_ID) {
             Some(id) => id.clone(),
@@ -95,7 +100,7 @@ impl Observer {
             Ok(permit) => {
                 self.metrics.in_flight.inc();
                 finish.permit = Some(permit);
-                proxy.handle(request, local).await
+                self.proxy.handle(request, local).await
             }
             Err(_) => ProxyError::Overloaded.into_response().map(ProxyBody::Right),
         };
@@ -120,7 +125,7 @@ impl Observer {
         if version < Version::HTTP_2 && self.draining.load(Ordering::Relaxed) {
             headers.insert(CONNECTION, HeaderValue::from_static("close"));
         }
-        response.map(|inner| ObservedBody { inner, finish })
+        Ok(response.map(|inner| ObservedBody { inner, finish }))
     }
 }
 

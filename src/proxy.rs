@@ -173,7 +173,7 @@ impl Proxy {
         let version = request.version();
         let (mut parts, body) = request.into_parts();
         let slot;
-        let response = match length.filter(|&n| n <= self.replay_buffer_bytes) {
+        let mut response = match length.filter(|&n| n <= self.replay_buffer_bytes) {
             Some(length) => {
                 // Read before taking the token, so that a slow upload does not use up its
                 // validity; and within the client's header timeout, so that a client that stops
@@ -210,18 +210,18 @@ impl Proxy {
                 "it switched protocols, which was never asked",
             ));
         }
-        let (mut parts, body) = response.into_parts();
-        headers::remove_hop_by_hop(&mut parts.headers);
+        headers::remove_hop_by_hop(response.headers_mut());
         // The upstream answered before the client's body ended (an early 401 or 413): hyper
         // closes the connection rather than read the rest, so the answer says so (RFC 9112
         // §9.6), or the client would reuse a connection about to close.
-        if parts.extensions.remove::<BodyLeftUnread>().is_some() && version < Version::HTTP_2 {
-            parts
-                .headers
+        let left_unread = response.extensions_mut().remove::<BodyLeftUnread>();
+        if left_unread.is_some() && version < Version::HTTP_2 {
+            response
+                .headers_mut()
                 .insert(CONNECTION, HeaderValue::from_static("close"));
         }
-        parts.version = Version::HTTP_11;
-        Ok((Response::from_parts(parts, body), slot))
+        *response.version_mut() = Version::HTTP_11;
+        Ok((response, slot))
     }
 
     /// Waits, at most `upstream.response_timeout`, until fewer than `upstream.max_in_flight`

@@ -8,7 +8,6 @@
 //! 3. then the listener closes, every connection is shut down gracefully, and in-flight
 //!    requests get `shutdown_timeout` to finish before the rest are dropped.
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
@@ -117,6 +116,7 @@ impl Server {
             },
         ));
         let observer = Arc::new(Observer::new(
+            self.proxy.clone(),
             self.metrics.clone(),
             self.limits.max_in_flight,
             self.redact_query,
@@ -144,16 +144,11 @@ impl Server {
                     let Ok(local) = stream.local_addr() else { continue };
                     let _ = stream.set_nodelay(true);
                     let activity = Arc::new(Activity::new());
-                    let proxy = self.proxy.clone();
                     let observer = observer.clone();
                     let requests = activity.clone();
-                    let service = service_fn(move |request| {
-                        let (proxy, observer, activity) = (proxy.clone(), observer.clone(), requests.clone());
-                        async move {
-                            activity.request_started(request.version());
-                            let response = observer.handle(&proxy, request, local, activity.clone()).await;
-                            Ok::<_, Infallible>(response)
-                        }
+                    let service = service_fn(move |request: http::Request<hyper::body::Incoming>| {
+                        requests.request_started(request.version());
+                        observer.clone().handle(request, local, requests.clone())
                     });
                     let io = TokioIo::new(Tracked { inner: stream, activity: activity.clone() });
                     let connection = http.serve_connection(io, service).into_owned();
