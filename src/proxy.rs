@@ -12,10 +12,11 @@
 //! with backpressure, and is never sent twice. A response timeout is never retried: the upstream
 //! may be processing the request, and CM.com's calls are POSTs.
 
+use std::cell::RefCell;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -60,6 +61,8 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Everything a request needs, built once for the process and shared by all connections.
 pub struct Proxy {
+    /// Tells this proxy's entries in [`RecentTargets`] from another's.
+    id: u64,
     client: UpstreamClient,
     scheme: Scheme,
     authority: Authority,
@@ -85,7 +88,9 @@ impl Proxy {
         metrics: Arc<Metrics>,
     ) -> Self {
         let upstream = &config.upstream;
+        static IDS: AtomicU64 = AtomicU64::new(0);
         Self {
+            id: IDS.fetch_add(1, Ordering::Relaxed),
             client,
             scheme: upstream.scheme.clone(),
             authority: upstream.authority.clone(),
@@ -353,7 +358,12 @@ impl Proxy {
     }
 
     fn upstream_uri(&self, target: &Uri) -> Result<Uri, ProxyError> {
-        upstream_uri(&self.scheme, &self.authority, &self.base_path, target)
+        let key = target.path_and_query().map_or("/", PathAndQuery::as_str);
+        RECENT_TARGETS.with_borrow_mut(|recent| {
+            recent.get_or_join(self.id, key, || {
+                upstream_uri(&self.scheme, &self.authority, &self.base_path, target)
+            })
+        })
     }
 }
 
@@ -379,6 +389,50 @@ pub fn upstream_uri(
         .path_and_query(joined)
         .build()
         .map_err(|_| ProxyError::InvalidTarget)
+}
+
+thread_local! {
+    /// Per runtime thread, so that workers never contend for it.
+    static RECENT_TARGETS: RefCell<RecentTargets> = RefCell::default();
+}
+
+/// How many client targets each thread remembers the upstream URI of.
+const RECENT_TARGETS_PER_THREAD: usize = 8;
+
+/// Upstream URIs of recent client targets. An app calls a handful of endpoints, so nearly every
+/// request finds its target here and is spared joining, parsing and allocating the upstream's
+/// (about 1k instructions per request: benches/README.md); a copy is reference counts. Keyed by
+/// proxy too: tests run several in one process. The oldest entry makes way for a new one.
+#[derive(Default)]
+struct RecentTargets {
+    entries: Vec<(u64, Box<str>, Uri)>,
+    oldest: usize,
+}
+
+impl RecentTargets {
+    fn get_or_join(
+        &mut self,
+        proxy: u64,
+        target: &str,
+        join: impl FnOnce() -> Result<Uri, ProxyError>,
+    ) -> Result<Uri, ProxyError> {
+        let found = self
+            .entries
+            .iter()
+            .find(|(id, key, _)| *id == proxy && **key == *target);
+        if let Some((_, _, uri)) = found {
+            return Ok(uri.clone());
+        }
+        let uri = join()?;
+        let entry = (proxy, Box::from(target), uri.clone());
+        if self.entries.len() < RECENT_TARGETS_PER_THREAD {
+            self.entries.push(entry);
+        } else {
+            self.entries[self.oldest] = entry;
+            self.oldest = (self.oldest + 1) % RECENT_TARGETS_PER_THREAD;
+        }
+        Ok(uri)
+    }
 }
 
 /// A rewritten request whose body was read, so that it can be sent more than once.
@@ -731,5 +785,44 @@ mod tests {
         assert!(names_local(&"[::1]".parse().unwrap(), v6));
         assert!(names_local(&"localhost".parse().unwrap(), v6));
         assert!(!names_local(&"user@localhost:8080".parse().unwrap(), local));
+    }
+
+    #[test]
+    fn recent_targets_join_each_target_once_per_proxy_and_forget_the_oldest() {
+        let joins = std::cell::Cell::new(0);
+        let mut recent = RecentTargets::default();
+        let mut get = |proxy: u64, target: &str| {
+            let uri = recent
+                .get_or_join(proxy, target, || {
+                    joins.set(joins.get() + 1);
+                    Ok(format!("https://up.example/p{proxy}{target}")
+                        .parse()
+                        .unwrap())
+                })
+                .unwrap();
+            (uri.to_string(), joins.get())
+        };
+        assert_eq!(get(1, "/a?x=1"), ("https://up.example/p1/a?x=1".into(), 1));
+        assert_eq!(get(1, "/a?x=1"), ("https://up.example/p1/a?x=1".into(), 1));
+        assert_eq!(get(2, "/a?x=1"), ("https://up.example/p2/a?x=1".into(), 2));
+        assert_eq!(get(1, "/a?x=2"), ("https://up.example/p1/a?x=2".into(), 3));
+        // Six more fill the table (eight) and push out the oldest, the first one.
+        for i in 0..6 {
+            get(1, &format!("/fill/{i}"));
+        }
+        assert_eq!(joins.get(), 9);
+        assert_eq!(get(2, "/a?x=1").1, 9, "still there");
+        assert_eq!(get(1, "/a?x=1").1, 10, "forgotten, joined again");
+        assert_eq!(recent.entries.len(), RECENT_TARGETS_PER_THREAD);
+        // A target that cannot be joined is not remembered.
+        let mut failures = 0;
+        for _ in 0..2 {
+            let failed = recent.get_or_join(1, "*", || {
+                failures += 1;
+                Err(ProxyError::InvalidTarget)
+            });
+            assert!(failed.is_err());
+        }
+        assert_eq!(failures, 2);
     }
 }
