@@ -13,9 +13,9 @@
 //! may be processing the request, and CM.com's calls are POSTs.
 
 use std::cell::RefCell;
-use std::future::Future;
+use std::future::{poll_fn, Future};
 use std::net::{IpAddr, SocketAddr};
-use std::pin::Pin;
+use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
@@ -183,9 +183,15 @@ impl Proxy {
                 // Read before taking the token, so that a slow upload does not use up its
                 // validity; and within the client's header timeout, so that a client that stops
                 // sending cannot hold a slot and a connection forever.
-                let body = tokio::time::timeout(self.body_timeout, collect(body, length))
-                    .await
-                    .map_err(|_| ProxyError::RequestBodyTimeout(self.body_timeout))??;
+                // Nearly always the body came with the head: the timer is set only if not.
+                let mut collecting = pin!(collect(body, length));
+                let body =
+                    match poll_fn(|cx| Poll::Ready(collecting.as_mut().poll(cx))).await {
+                        Poll::Ready(body) => body?,
+                        Poll::Pending => tokio::time::timeout(self.body_timeout, collecting)
+                            .await
+                            .map_err(|_| ProxyError::RequestBodyTimeout(self.body_timeout))??,
+                    };
                 slot = self.upstream_slot().await?;
                 let authorization = self.rewrite(&mut parts.headers);
                 let kept = Kept {
