@@ -45,15 +45,18 @@ fn strip(headers: &mut HeaderMap, request: bool) {
         |name: &HeaderName| HOP_BY_HOP.contains(name) || (request && name == PROXY_AUTHORIZATION);
     // `Connection` is on the fixed list: without any of those, nothing else is named either,
     // and one look at each name settles it (the usual request).
-    if !headers.keys().any(fixed) {
+    let Some(first) = headers.keys().position(fixed) else {
         return;
-    }
+    };
     let named = connection_named(headers);
     let doomed = |name: &HeaderName| fixed(name) || named.contains(name);
     while let Some(last) = headers.keys().last().filter(|name| doomed(name)).cloned() {
         headers.remove(&last);
     }
-    if !headers.keys().any(doomed) {
+    // Before the first fixed name, only a name that `Connection` lists can be doomed; removing
+    // trailing fields moved none of those.
+    let unseen = if named.is_empty() { first } else { 0 };
+    if !headers.keys().skip(unseen).any(doomed) {
         return;
     }
     let old = std::mem::replace(headers, HeaderMap::with_capacity(headers.len()));
@@ -146,6 +149,21 @@ mod tests {
         ]);
         remove_hop_by_hop(&mut headers);
         assert_eq!(pairs(&headers), [("x-end-to-end".into(), "4".into())]);
+    }
+
+    /// `Connection` last, naming a field before it: the trailing removal alone is not enough.
+    #[test]
+    fn a_field_named_by_a_trailing_connection_is_removed_too() {
+        let mut headers = map(&[
+            ("x-hop", "1"),
+            ("content-type", "application/json"),
+            ("connection", "x-hop"),
+        ]);
+        remove_hop_by_hop(&mut headers);
+        assert_eq!(
+            pairs(&headers),
+            [("content-type".into(), "application/json".into())]
+        );
     }
 
     /// The options that are not looked up as names still remove what they name.
