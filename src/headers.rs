@@ -80,6 +80,8 @@ fn connection_named(headers: &HeaderMap) -> Vec<HeaderName> {
     headers
         .get_all(CONNECTION)
         .iter()
+        // The usual value whole, before splitting it byte by byte (nginx, Python, Java).
+        .filter(|v| !v.as_bytes().eq_ignore_ascii_case(b"keep-alive"))
         .flat_map(|v| v.as_bytes().split(|&b| b == b','))
         .map(<[u8]>::trim_ascii)
         .filter(|name| !name.eq_ignore_ascii_case(b"keep-alive"))
