@@ -470,7 +470,11 @@ async fn collect(body: Incoming, length: u64) -> Result<Bytes, ProxyError> {
     let mut body = Streamed::new(body, length);
     let mut first = Bytes::new();
     let mut joined: Option<BytesMut> = None;
-    while let Some(frame) = body.frame().await {
+    // A body of known length ends with its last byte: no poll more to hear so.
+    while !body.is_end_stream() {
+        let Some(frame) = body.frame().await else {
+            break;
+        };
         let frame = frame.map_err(|error| match error {
             RequestBodyError::Read(error) => ProxyError::RequestBody(error.to_string()),
             // Unreachable with hyper's own checks, which come first; kept as the memory bound.
