@@ -11,7 +11,7 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::Bytes;
-use http::header::{HeaderName, HeaderValue, CONNECTION};
+use http::header::{self, HeaderName, HeaderValue, CONNECTION};
 use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -62,15 +62,10 @@ impl Observer {
         activity: Arc<Activity>,
     ) -> Result<Response<ObservedBody>, Infallible> {
         let started = Instant::now();
-        let request_id = match request.headers().get(&X_REQUEST_ID) {
-            Some(id) => id.clone(),
-            None => {
-                let id = self.ids.next();
-                request
-                    .headers_mut()
-                    .insert(X_REQUEST_ID.clone(), id.clone());
-                id
-            }
+        // One lookup for both finding the client's id and adding ours.
+        let request_id = match request.headers_mut().entry(&X_REQUEST_ID) {
+            header::Entry::Occupied(id) => id.get().clone(),
+            header::Entry::Vacant(slot) => slot.insert(self.ids.next()).clone(),
         };
         let version = request.version();
         // From here on, however the request ends (even by the client going away while we
