@@ -17,7 +17,7 @@ use idmatch_mock::{RunningServer, Server as Upstream, TestPki};
 use idmatch_proxy::token::{Clock, SystemClock};
 use serde_json::json;
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Barrier};
 
@@ -174,13 +174,8 @@ async fn a_kept_body_that_arrives_in_pieces_is_sent_whole_both_times() {
         tokio::time::sleep(Duration::from_millis(30)).await;
         client.write_all(piece).await.unwrap();
     }
-    let mut response = vec![0u8; 4096];
-    let n = client.read(&mut response).await.unwrap();
-    assert!(
-        response[..n].starts_with(b"HTTP/1.1 200"),
-        "{}",
-        String::from_utf8_lossy(&response[..n])
-    );
+    let (status, head, _) = read_response(&mut client).await;
+    assert_eq!(status, StatusCode::OK, "{head}");
 
     let seen = seen.all();
     assert_eq!(seen.len(), 2, "refused, then replayed");
@@ -445,36 +440,6 @@ async fn recording_uploads(
         .start()
         .await;
     (upstream, received)
-}
-
-/// Reads one HTTP/1.1 response with a `Content-Length` body: status, head, body.
-async fn read_response(stream: &mut TcpStream) -> (StatusCode, String, Vec<u8>) {
-    let mut buffer = Vec::new();
-    let head_end = loop {
-        if let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
-            break end + 4;
-        }
-        let mut chunk = [0; 4096];
-        let n = stream.read(&mut chunk).await.unwrap();
-        assert!(n > 0, "closed before a response head: {buffer:?}");
-        buffer.extend_from_slice(&chunk[..n]);
-    };
-    let head = String::from_utf8(buffer[..head_end].to_vec()).unwrap();
-    let length: usize = head
-        .lines()
-        .find_map(|line| line.strip_prefix("content-length: "))
-        .expect("a content-length")
-        .parse()
-        .unwrap();
-    let mut body = buffer[head_end..].to_vec();
-    while body.len() < length {
-        let mut chunk = [0; 4096];
-        let n = stream.read(&mut chunk).await.unwrap();
-        assert!(n > 0, "closed inside the body");
-        body.extend_from_slice(&chunk[..n]);
-    }
-    let status = head[9..12].parse::<u16>().unwrap();
-    (StatusCode::from_u16(status).unwrap(), head, body)
 }
 
 fn chunk(size: usize) -> Vec<u8> {

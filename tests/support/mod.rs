@@ -216,6 +216,36 @@ pub async fn raw(addr: SocketAddr, request: &[u8]) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Reads one HTTP/1.1 response with a `Content-Length` body: status, head, body.
+pub async fn read_response(stream: &mut TcpStream) -> (http::StatusCode, String, Vec<u8>) {
+    let mut buffer = Vec::new();
+    let head_end = loop {
+        if let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+            break end + 4;
+        }
+        let mut chunk = [0; 4096];
+        let n = stream.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "closed before a response head: {buffer:?}");
+        buffer.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8(buffer[..head_end].to_vec()).unwrap();
+    let length: usize = head
+        .lines()
+        .find_map(|line| line.strip_prefix("content-length: "))
+        .expect("a content-length")
+        .parse()
+        .unwrap();
+    let mut body = buffer[head_end..].to_vec();
+    while body.len() < length {
+        let mut chunk = [0; 4096];
+        let n = stream.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "closed inside the body");
+        body.extend_from_slice(&chunk[..n]);
+    }
+    let status = head[9..12].parse::<u16>().unwrap();
+    (http::StatusCode::from_u16(status).unwrap(), head, body)
+}
+
 /// The real `idmatch-proxy` binary, serving with the given environment (and nothing else from
 /// ours), JSON logs collected from stderr.
 pub struct Binary {
