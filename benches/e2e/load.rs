@@ -112,37 +112,46 @@ impl Connection {
 
     /// Writes `request` and reads one response; returns its status and body length.
     pub fn exchange(&mut self, request: &[u8]) -> io::Result<(u16, usize)> {
-        self.stream.write_all(request)?;
-        self.stream.flush()?;
+        self.send(request)?;
         self.read_response()
     }
 
+    /// Writes a whole request: on an idle connection it fits the socket buffer at once.
+    pub fn send(&mut self, request: &[u8]) -> io::Result<()> {
+        self.write_all(request)?;
+        self.stream.flush()
+    }
+
+    /// Reads one response (blocking socket); returns its status and body length.
     pub fn read_response(&mut self) -> io::Result<(u16, usize)> {
-        self.buf.clear();
+        self.try_read_response()?
+            .ok_or_else(|| io::ErrorKind::WouldBlock.into())
+    }
+
+    /// Reads what has arrived: the response's status and body length once it is all here,
+    /// `None` if the (non-blocking) socket has no more yet.
+    pub fn try_read_response(&mut self) -> io::Result<Option<(u16, usize)>> {
         let mut chunk = [0u8; 4096];
-        let (status, head_end, length) = loop {
-            if let Some(head) = parse_head(&self.buf)? {
-                break head;
+        loop {
+            if let Some((status, head_end, length)) = parse_head(&self.buf)? {
+                if self.buf.len() - head_end >= length {
+                    return Ok(Some((status, length)));
+                }
             }
-            let n = self.stream.read(&mut chunk)?;
-            if n == 0 {
-                return Err(io::ErrorKind::UnexpectedEof.into());
-            }
-            self.buf.extend_from_slice(&chunk[..n]);
-        };
-        let mut have = self.buf.len() - head_end;
-        while have < length {
-            let n = self.stream.read(&mut chunk)?;
-            if n == 0 {
-                return Err(io::ErrorKind::UnexpectedEof.into());
-            }
-            have += n;
-            // Kept for `last_body` (error pages, the mock's byte count); bodies here are small.
-            if self.buf.len() < 64 * 1024 {
-                self.buf.extend_from_slice(&chunk[..n]);
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+                Err(error) => return Err(error),
             }
         }
-        Ok((status, length))
+    }
+
+    pub fn socket(&self) -> &TcpStream {
+        match &self.stream {
+            Stream::Plain(socket) => socket,
+            Stream::Tls(tls) => &tls.sock,
+        }
     }
 
     /// The body of the last response (when it came with the head, as small ones do).
@@ -151,7 +160,9 @@ impl Connection {
         String::from_utf8_lossy(&self.buf[start..]).into_owned()
     }
 
+    /// Starts a request (no pipelining here): what was read of the last response is dropped.
     pub fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.buf.clear();
         self.stream.write_all(bytes)
     }
 }
@@ -195,88 +206,43 @@ pub fn quantile_us(sorted: &[u64], q: f64) -> f64 {
 }
 
 /// Sends `rate` requests per second for `duration` over `connections` keep-alive connections.
+///
+/// One thread does everything, with one `epoll_pwait2` per wake-up: it sleeps until the next
+/// request is due or a response arrives, whichever is first (nanosecond timeouts, 1 ns of timer
+/// slack), sends every request that is due on a free connection and reads every response that
+/// is ready. No second thread to hand requests over, no channel, no runtime: what the
+/// generator costs per request is a `write`, a `read` and at most one wait, so that at half of
+/// the proxy's maximum the harness core, which the upstream stub shares, is not what the tail
+/// latencies measure.
 pub fn open_loop(target: &Target, rate: u64, duration: Duration, connections: usize) -> OpenLoop {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    runtime.block_on(open_loop_async(target, rate, duration, connections))
-}
+    use rustix::buffer::spare_capacity;
+    use rustix::event::epoll;
 
-async fn open_loop_async(
-    target: &Target,
-    rate: u64,
-    duration: Duration,
-    connections: usize,
-) -> OpenLoop {
     let total = rate * duration.as_secs();
-    let mut streams = Vec::with_capacity(connections);
-    for _ in 0..connections {
-        streams.push(AsyncStream::open(target).await.expect("connect"));
-    }
-    // The TLS handshakes (direct) and the first request happen before the clock starts.
-    for stream in &mut streams {
-        let (status, _) = stream
-            .exchange(&target.request)
-            .await
-            .expect("first request");
+    let mut conns: Vec<Connection> = (0..connections)
+        .map(|_| Connection::open(target).expect("connect"))
+        .collect();
+    let poll = epoll::create(epoll::CreateFlags::CLOEXEC).expect("epoll");
+    for (i, conn) in conns.iter_mut().enumerate() {
+        // The TLS handshakes (direct) and the first request happen before the clock starts.
+        let (status, _) = conn.exchange(&target.request).expect("first request");
         assert_eq!(status, 200, "first request");
+        let socket = conn.socket();
+        socket.set_nonblocking(true).expect("non-blocking");
+        epoll::add(
+            &poll,
+            socket,
+            epoll::EventData::new_u64(i as u64),
+            epoll::EventFlags::IN,
+        )
+        .expect("epoll add");
     }
-
-    let (due_tx, due_rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
-    let due_rx = Arc::new(tokio::sync::Mutex::new(due_rx));
-    let start = Instant::now() + Duration::from_millis(20);
-    // 1 ns of timer slack makes `sleep` wake on time, not up to 50 µs late (the default); a
-    // thread inherits it from the thread that starts it, which is this one.
+    // 1 ns of timer slack makes the wait end on time, not up to 50 µs late (the default).
     let _ = std::fs::write("/proc/self/timerslack_ns", "1");
-    let pacer = std::thread::spawn(move || {
-        let interval_ns = 1_000_000_000 / rate;
-        for i in 0..total {
-            let due = start + Duration::from_nanos(i * interval_ns);
-            let now = Instant::now();
-            if due > now {
-                std::thread::sleep(due - now);
-            }
-            if due_tx.send(due).is_err() {
-                break;
-            }
-        }
-    });
 
-    let mut workers = tokio::task::JoinSet::new();
-    for mut stream in streams {
-        let (due_rx, request) = (due_rx.clone(), target.request.clone());
-        let capacity = (total as usize) / connections * 2;
-        workers.spawn(async move {
-            let (mut service, mut response) =
-                (Vec::with_capacity(capacity), Vec::with_capacity(capacity));
-            let (mut errors, mut late) = (0u64, 0u64);
-            loop {
-                // Whichever connection is free takes the next request that is due. (A `let` of
-                // its own, so that the lock is released before the request is sent.)
-                let next = due_rx.lock().await.recv().await;
-                let Some(due) = next else { break };
-                let sent = Instant::now();
-                if sent - due > Duration::from_millis(1) {
-                    late += 1;
-                }
-                match stream.exchange(&request).await {
-                    Ok((200, _)) => {
-                        let done = Instant::now();
-                        service.push((done - sent).as_nanos() as u64);
-                        response.push((done - due).as_nanos() as u64);
-                    }
-                    // A failed connection takes no more requests; the others carry on.
-                    Ok(_) => errors += 1,
-                    Err(_) => {
-                        errors += 1;
-                        break;
-                    }
-                }
-            }
-            (service, response, errors, late)
-        });
-    }
+    let interval = Duration::from_nanos(1_000_000_000 / rate);
+    let start = Instant::now() + Duration::from_millis(20);
+    let due = |i: u64| start + interval * i as u32;
     let mut run = OpenLoop {
         rate,
         sent: 0,
@@ -289,83 +255,81 @@ async fn open_loop_async(
         cpu_us: [f64::NAN; 3],
         load: Default::default(),
     };
-    while let Some(worker) = workers.join_next().await {
-        let (service, response, errors, late) = worker.expect("worker");
-        run.sent += service.len() as u64 + errors;
-        run.service.extend(service);
-        run.response.extend(response);
-        run.errors += errors;
-        run.late += late;
+    // Per connection: (due, sent) of the request it carries, `None` when free.
+    let mut carrying: Vec<Option<(Instant, Instant)>> = vec![None; connections];
+    let mut free: Vec<usize> = (0..connections).rev().collect();
+    let mut open = connections;
+    let mut events = Vec::with_capacity(connections);
+    let mut next = 0u64;
+    while next < total || free.len() < open {
+        let mut now = Instant::now();
+        // Whichever connection is free takes the next request that is due.
+        while next < total && due(next) <= now {
+            let Some(i) = free.pop() else { break };
+            let due = due(next);
+            next += 1;
+            run.sent += 1;
+            if now - due > Duration::from_millis(1) {
+                run.late += 1;
+            }
+            match conns[i].send(&target.request) {
+                Ok(()) => carrying[i] = Some((due, now)),
+                // A failed connection takes no more requests; the others carry on.
+                Err(_) => {
+                    run.errors += 1;
+                    open -= 1;
+                }
+            }
+            now = Instant::now();
+        }
+        if open == 0 {
+            run.errors += total - next;
+            run.sent = total;
+            break;
+        }
+        // Sleep until the next request is due, unless none can be sent before a response.
+        let wait = (next < total && !free.is_empty()).then(|| {
+            let left = due(next).saturating_duration_since(now);
+            rustix::time::Timespec {
+                tv_sec: left.as_secs() as i64,
+                tv_nsec: left.subsec_nanos() as i64,
+            }
+        });
+        events.clear();
+        match epoll::wait(&poll, spare_capacity(&mut events), wait.as_ref()) {
+            Ok(_) | Err(rustix::io::Errno::INTR) => {}
+            Err(error) => panic!("epoll_pwait2: {error}"),
+        }
+        let done = Instant::now();
+        for event in &events {
+            let i = event.data.u64() as usize;
+            let Some((due, sent)) = carrying[i] else {
+                continue;
+            };
+            match conns[i].try_read_response() {
+                Ok(None) => continue,
+                Ok(Some((200, _))) => {
+                    run.service.push((done - sent).as_nanos() as u64);
+                    run.response.push((done - due).as_nanos() as u64);
+                    free.push(i);
+                }
+                Ok(Some(_)) => {
+                    run.errors += 1;
+                    free.push(i);
+                }
+                Err(_) => {
+                    run.errors += 1;
+                    open -= 1;
+                    let _ = epoll::delete(&poll, conns[i].socket());
+                }
+            }
+            carrying[i] = None;
+        }
     }
     run.elapsed = start.elapsed();
-    pacer.join().expect("pacer");
     run.service.sort_unstable();
     run.response.sort_unstable();
     run
-}
-
-/// One keep-alive HTTP/1.1 connection for the open-loop generator: plain or TLS, on tokio.
-enum AsyncStream {
-    Plain(tokio::net::TcpStream, Vec<u8>),
-    Tls(
-        Box<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
-        Vec<u8>,
-    ),
-}
-
-impl AsyncStream {
-    async fn open(target: &Target) -> io::Result<AsyncStream> {
-        let tcp = tokio::net::TcpStream::connect(target.addr).await?;
-        tcp.set_nodelay(true)?;
-        let buf = Vec::with_capacity(4096);
-        Ok(match &target.tls {
-            None => AsyncStream::Plain(tcp, buf),
-            Some(config) => {
-                let name = ServerName::try_from("localhost").expect("a DNS name");
-                let tls = tokio_rustls::TlsConnector::from(config.clone())
-                    .connect(name, tcp)
-                    .await?;
-                AsyncStream::Tls(Box::new(tls), buf)
-            }
-        })
-    }
-
-    /// Writes `request` and reads one response; returns its status and body length.
-    async fn exchange(&mut self, request: &[u8]) -> io::Result<(u16, usize)> {
-        match self {
-            AsyncStream::Plain(s, buf) => exchange(s, buf, request).await,
-            AsyncStream::Tls(s, buf) => exchange(s.as_mut(), buf, request).await,
-        }
-    }
-}
-
-async fn exchange<S>(stream: &mut S, buf: &mut Vec<u8>, request: &[u8]) -> io::Result<(u16, usize)>
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    stream.write_all(request).await?;
-    stream.flush().await?;
-    buf.clear();
-    let mut chunk = [0u8; 4096];
-    loop {
-        if let Some((status, head_end, length)) = parse_head(buf)? {
-            let mut have = buf.len() - head_end;
-            while have < length {
-                let n = stream.read(&mut chunk).await?;
-                if n == 0 {
-                    return Err(io::ErrorKind::UnexpectedEof.into());
-                }
-                have += n;
-            }
-            return Ok((status, length));
-        }
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            return Err(io::ErrorKind::UnexpectedEof.into());
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
 }
 
 /// Status, end of the head and `Content-Length` of a response head, once it is complete.

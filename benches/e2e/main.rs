@@ -16,6 +16,7 @@
 //! is someone else's).
 
 mod floor;
+mod hops;
 mod load;
 mod procs;
 
@@ -60,7 +61,7 @@ struct Settings {
     targets: Vec<Kind>,
     /// `BENCH_RATES`: fixed rates instead of 5/25/50 % of idmatch-proxy's maximum.
     rates: Option<Vec<u64>>,
-    /// `BENCH_SKIP`: phases to leave out: start, max, rounds, latency, upload.
+    /// `BENCH_SKIP`: phases to leave out: start, max, rounds, hops, latency, upload.
     skip: Vec<String>,
     /// `BENCH_ROUNDS`: interleaved repeats of the maximum for idmatch-proxy, the peer and
     /// static nginx, whose median ratios do not hang on one run's luck.
@@ -259,6 +260,9 @@ fn main() {
     }
     if bench.settings.runs("rounds") {
         bench.rounds();
+    }
+    if bench.settings.runs("hops") {
+        bench.hops();
     }
     if bench.settings.runs("latency") {
         let rates = match (&bench.settings.rates, base) {
@@ -876,6 +880,38 @@ impl Bench {
     /// The maximum again, `BENCH_ROUNDS` times, idmatch-proxy, the peer and static nginx in
     /// turn, each freshly started and warmed: on a shared VM the same binary's CPU per request
     /// moves by ±10 % from one run to the next, so the ratios are given per round and as medians.
+    /// Loopback round trips within the harness core and across to the SUT's (`hops.rs`).
+    fn hops(&mut self) {
+        println!("hops");
+        const COUNT: usize = 50_000;
+        let s = &self.settings;
+        let same = hops::percentiles(&hops::round_trips(s.harness_cpu, COUNT));
+        let cross = hops::percentiles(&hops::round_trips(s.sut_cpu, COUNT));
+        let _ = writeln!(
+            self.report,
+            "\n### Round trips across cores (64 bytes over loopback TCP, echoed, closed loop, {COUNT} each)\n\n\
+             What this machine charges for a wake-up on the other core, with no HTTP or TLS: \
+             direct is one exchange within the harness core, a proxy on its own core makes it \
+             two round trips across, so it adds about 2 × across − within whatever its code (at \
+             the median; tails do not add up that simply).\n\n\
+             | echo on | p50 µs | p99 µs | p99.9 µs |\n|---|---|---|---|\n\
+             | the harness core (cpu {}) | {:.0} | {:.0} | {:.0} |\n\
+             | the system-under-test core (cpu {}) | {:.0} | {:.0} | {:.0} |\n\
+             | **2 × across − within**: the least a proxy adds here | **{:+.0}** | **{:+.0}** | **{:+.0}** |",
+            s.harness_cpu,
+            same[0],
+            same[1],
+            same[2],
+            s.sut_cpu,
+            cross[0],
+            cross[1],
+            cross[2],
+            2.0 * cross[0] - same[0],
+            2.0 * cross[1] - same[1],
+            2.0 * cross[2] - same[2],
+        );
+    }
+
     fn rounds(&mut self) {
         let kinds: Vec<Kind> = [
             Kind::Proxy { access_log: false },
