@@ -302,3 +302,16 @@ async fn every_line_of_a_burst_arrives_whole_with_one_worker() {
 async fn every_line_of_a_burst_arrives_whole_with_two_workers() {
     every_line_of_a_burst_arrives_whole("2").await;
 }
+
+/// `benches/pgo.sh` trains the profile-guided build with `pgo-train`: its whole mix must get
+/// the answers it expects through the real binary (a profile of failures would optimise the
+/// wrong paths), and the binary must exit normally on SIGTERM, which is when it writes the
+/// profile.
+#[test]
+fn the_pgo_training_mix_runs_through_the_binary_and_it_exits_cleanly() {
+    let work = tempfile::tempdir().unwrap();
+    let proxy = std::path::Path::new(env!("CARGO_BIN_EXE_idmatch-proxy"));
+    let answered = idmatch_mock::train::run(proxy, work.path(), 25).unwrap();
+    // 8 connections × 25, the 250 rare requests, twice (access log on, then off).
+    assert_eq!(answered, 2 * (8 * 25 + 250));
+}

@@ -7,12 +7,14 @@
 //!   receives ([`Server`], [`RunningServer`], [`Handler`]).
 //! - [`api`]: the Mobile Identity API itself, verifying bearer tokens and answering from a fixed
 //!   sandbox data set ([`MockApi`]), served by the `mock-upstream` binary.
+//! - [`train`]: the training run of idmatch-proxy's profile-guided build (`pgo-train`).
 
 #![forbid(unsafe_code)]
 
 pub mod api;
 pub mod pki;
 pub mod server;
+pub mod train;
 
 pub use api::MockApi;
 pub use pki::TestPki;
