@@ -141,6 +141,8 @@ enum Kind {
     },
     /// idmatch-proxy (`RUST_LOG=warn`) to an upstream that offers HTTP/2.
     ProxyH2,
+    /// idmatch-proxy's profile-guided build (`benches/pgo.sh`, as the image ships it), warn.
+    ProxyPgo,
     NginxNjs,
     NginxStatic,
     /// The least a forwarder on idmatch-proxy's stack does (floor.rs).
@@ -148,9 +150,10 @@ enum Kind {
 }
 
 impl Kind {
-    const ALL: [Kind; 7] = [
+    const ALL: [Kind; 8] = [
         Kind::Direct,
         Kind::Proxy { access_log: false },
+        Kind::ProxyPgo,
         Kind::Proxy { access_log: true },
         Kind::ProxyH2,
         Kind::NginxNjs,
@@ -165,6 +168,7 @@ impl Kind {
             Kind::Proxy { access_log: false } => "proxy",
             Kind::Proxy { access_log: true } => "proxy-log",
             Kind::ProxyH2 => "proxy-h2",
+            Kind::ProxyPgo => "proxy-pgo",
             Kind::NginxNjs => "njs",
             Kind::NginxStatic => "static",
             Kind::Floor => "floor",
@@ -177,6 +181,7 @@ impl Kind {
             Kind::Proxy { access_log: false } => "idmatch-proxy, RUST_LOG=warn",
             Kind::Proxy { access_log: true } => "idmatch-proxy, default (access log on)",
             Kind::ProxyH2 => "idmatch-proxy, RUST_LOG=warn, upstream offers h2",
+            Kind::ProxyPgo => "idmatch-proxy, PGO build (benches/pgo.sh), RUST_LOG=warn",
             Kind::NginxNjs => "nginx + njs peer (signs per request)",
             Kind::NginxStatic => "nginx, static header (no signing)",
             Kind::Floor => "floor: bare hyper + rustls forwarder, static header",
@@ -545,8 +550,7 @@ impl Bench {
             "\n### Binary and start\n\n\
              | what | value | target |\n|---|---|---|\n\
              | release binary (`strip = true` in the profile) | {} MiB ({} bytes; `strip` again: {} bytes) | ≤ 8 MiB |\n\
-             | exec → `idmatch-proxy ready` (listening, token minted), {} runs, `taskset -c {}` included | median {:.1} ms, max {:.1} ms | ≤ 50 ms |\n\
-             \nLoad average before the start runs: {load}.\n",
+             | exec → `idmatch-proxy ready` (listening, token minted), {} runs, `taskset -c {}` included | median {:.1} ms, max {:.1} ms | ≤ 50 ms |\n",
             mib(size),
             size,
             stripped_size,
@@ -555,6 +559,16 @@ impl Bench {
             ms(times[times.len() / 2]),
             ms(*times.last().unwrap()),
         );
+        if let Ok(size) = pgo_binary().and_then(|b| std::fs::metadata(b).map_err(|e| e.to_string()))
+        {
+            let size = size.len();
+            let _ = writeln!(
+                self.report,
+                "| PGO build (benches/pgo.sh) | {} MiB ({size} bytes) | ≤ 8 MiB |",
+                mib(size)
+            );
+        }
+        let _ = writeln!(self.report, "\nLoad average before the start runs: {load}.");
     }
 
     /// Starts one system under test on the SUT core and waits until it answers.
@@ -598,8 +612,12 @@ impl Bench {
                 Some(self.bearer.as_str()),
                 Some(load::tls_config(&self.ca)),
             ),
-            Kind::Proxy { .. } | Kind::ProxyH2 => {
-                let mut command = procs::pinned(self.settings.sut_cpu, PROXY_BIN);
+            Kind::Proxy { .. } | Kind::ProxyH2 | Kind::ProxyPgo => {
+                let binary = match kind {
+                    Kind::ProxyPgo => pgo_binary()?,
+                    _ => PathBuf::from(PROXY_BIN),
+                };
+                let mut command = procs::pinned(self.settings.sut_cpu, binary.to_str().unwrap());
                 let upstream = match kind {
                     Kind::ProxyH2 => self.upstream_h2_addr,
                     _ => self.upstream_addr,
@@ -853,7 +871,10 @@ impl Bench {
              (the most any proxy at least as costly as nginx's own forwarding can reach).",
             static_capacity / peer_capacity
         );
-        for ours in [ours, find(Kind::ProxyH2)].into_iter().flatten() {
+        for ours in [ours, find(Kind::ProxyPgo), find(Kind::ProxyH2)]
+            .into_iter()
+            .flatten()
+        {
             let c = capacity(ours);
             let _ = writeln!(
                 self.report,
@@ -915,12 +936,16 @@ impl Bench {
     fn rounds(&mut self) {
         let kinds: Vec<Kind> = [
             Kind::Proxy { access_log: false },
+            Kind::ProxyPgo,
             Kind::NginxNjs,
             Kind::NginxStatic,
             Kind::Floor,
         ]
         .into_iter()
-        .filter(|k| self.settings.targets.contains(k))
+        // Without a PGO build, the rounds go on without it (`maximum` says why).
+        .filter(|k| {
+            self.settings.targets.contains(k) && (*k != Kind::ProxyPgo || pgo_binary().is_ok())
+        })
         .collect();
         if kinds.len() < 2 || self.settings.rounds == 0 {
             return;
@@ -947,29 +972,43 @@ impl Bench {
             "\n### Maximum throughput, {} interleaved rounds\n\n\
              Each round starts and warms each target in turn, then `wrk -t1 -c{connections} \
              -d{secs}s`. SUT CPU s per 10k requests (kernel share); the ratios are by CPU-bound \
-             capacity, idmatch-proxy (warn) ÷ the others.\n\n| round |",
+             capacity, each idmatch-proxy build (warn) ÷ the others.\n\n| round |",
             rounds.len()
         );
         for kind in &kinds {
             let _ = write!(self.report, " {} |", kind.name());
         }
-        let others = &kinds[1..];
-        for kind in others {
-            let _ = write!(self.report, " ÷ {} |", kind.name());
+        let is_ours = |k: &Kind| matches!(k, Kind::Proxy { .. } | Kind::ProxyPgo);
+        // (ours, other) column pairs, by index into `kinds`.
+        let pairs: Vec<(usize, usize)> = (0..kinds.len())
+            .filter(|&o| is_ours(&kinds[o]))
+            .flat_map(|o| {
+                (0..kinds.len())
+                    .filter(|&t| !is_ours(&kinds[t]))
+                    .map(move |t| (o, t))
+            })
+            .collect();
+        for &(o, t) in &pairs {
+            let ours = if kinds[o] == Kind::ProxyPgo {
+                "PGO"
+            } else {
+                "plain"
+            };
+            let _ = write!(self.report, " {ours} ÷ {} |", kinds[t].name());
         }
         let _ = writeln!(
             self.report,
             "\n|---|{}",
-            "---|".repeat(kinds.len() + others.len())
+            "---|".repeat(kinds.len() + pairs.len())
         );
-        let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); others.len()];
+        let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); pairs.len()];
         for (i, cpu) in rounds.iter().enumerate() {
             let _ = write!(self.report, "| {} |", i + 1);
             for (total, sys) in cpu {
                 let _ = write!(self.report, " {total:.3} ({:.0} %) |", sys / total * 100.0);
             }
-            for (j, (other, _)) in cpu[1..].iter().enumerate() {
-                let ratio = other / cpu[0].0;
+            for (j, &(o, t)) in pairs.iter().enumerate() {
+                let ratio = cpu[t].0 / cpu[o].0;
                 ratios[j].push(ratio);
                 let _ = write!(self.report, " {ratio:.2} |");
             }
@@ -1228,6 +1267,27 @@ fn peers_dir() -> PathBuf {
 
 /// The proxy's configuration for the bench: environment only, nothing inherited (no
 /// `HTTPS_PROXY` from the caller's shell), JSON logs as in a container.
+/// The profile-guided build: `BENCH_PGO_BIN`, or where `benches/pgo.sh` leaves it.
+fn pgo_binary() -> Result<PathBuf, String> {
+    let binary = std::env::var_os("BENCH_PGO_BIN").map_or_else(
+        || {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join(format!(
+                "target/pgo/use/{}-unknown-linux-gnu/release/idmatch-proxy",
+                std::env::consts::ARCH
+            ))
+        },
+        PathBuf::from,
+    );
+    if binary.is_file() {
+        Ok(binary)
+    } else {
+        Err(format!(
+            "no PGO build at {}: run benches/pgo.sh first (or set BENCH_PGO_BIN)",
+            binary.display()
+        ))
+    }
+}
+
 fn proxy_env(command: &mut Command, run: &Path, upstream: SocketAddr, listen: u16, admin: u16) {
     command
         .env_clear()
