@@ -32,7 +32,8 @@ struct Upstream {
     authorization: HeaderValue,
 }
 
-/// Serves until killed; `args` follow [`ARG`].
+/// Serves until killed; `args` follow [`ARG`]. SIGTERM ends it through `exit`, so that a build
+/// instrumented for PGO writes its profile (benches/README.md, "Profiling recipes").
 pub fn run(args: &[String]) -> ! {
     let [listen, upstream, ca, bearer_file] = args else {
         panic!("usage: e2e {ARG} LISTEN UPSTREAM CA BEARER_FILE");
@@ -53,6 +54,13 @@ pub fn run(args: &[String]) -> ! {
         .expect("runtime");
     runtime.block_on(async {
         let listener = TcpListener::bind(listen.as_str()).await.expect("LISTEN");
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .expect("SIGTERM handler");
+        tokio::spawn(async move {
+            terminate.recv().await;
+            std::process::exit(0);
+        });
         loop {
             let Ok((client, _)) = listener.accept().await else {
                 continue;
