@@ -12,7 +12,8 @@
 #
 # RUSTFLAGS apply to TARGET's artifacts only (because `--target` is given), so build scripts
 # and proc macros are neither instrumented nor optimised with the profile. Loopback only.
-# benches/README.md has what it gains (about 8 % CPU per request, 16 % of user time).
+# benches/README.md has what it gains: about 6 % of CPU per request and 10 % of user time
+# (glibc), 5 % and 13 % (musl).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 host="$(rustc -vV | sed -n 's/^host: //p')"
