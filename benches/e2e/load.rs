@@ -240,9 +240,9 @@ pub fn open_loop(target: &Target, rate: u64, duration: Duration, connections: us
     // 1 ns of timer slack makes the wait end on time, not up to 50 µs late (the default).
     let _ = std::fs::write("/proc/self/timerslack_ns", "1");
 
-    let interval = Duration::from_nanos(1_000_000_000 / rate);
+    let interval_ns = 1_000_000_000 / rate;
     let start = Instant::now() + Duration::from_millis(20);
-    let due = |i: u64| start + interval * i as u32;
+    let due = |i: u64| start + Duration::from_nanos(i * interval_ns);
     let mut run = OpenLoop {
         rate,
         sent: 0,
