@@ -205,6 +205,9 @@ pub fn quantile_us(sorted: &[u64], q: f64) -> f64 {
     sorted[index] as f64 / 1e3
 }
 
+/// How long the open-loop generator waits for a response when it has nothing else to do.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Sends `rate` requests per second for `duration` over `connections` keep-alive connections.
 ///
 /// One thread does everything, with one `epoll_pwait2` per wake-up: it sleeps until the next
@@ -287,18 +290,29 @@ pub fn open_loop(target: &Target, rate: u64, duration: Duration, connections: us
             run.sent = total;
             break;
         }
-        // Sleep until the next request is due, unless none can be sent before a response.
-        let wait = (next < total && !free.is_empty()).then(|| {
-            let left = due(next).saturating_duration_since(now);
-            rustix::time::Timespec {
-                tv_sec: left.as_secs() as i64,
-                tv_nsec: left.subsec_nanos() as i64,
-            }
-        });
+        // Sleep until the next request is due, unless none can be sent before a response; then
+        // until one comes, for as long as wrk's `--timeout` elsewhere in this bench.
+        let sending = next < total && !free.is_empty();
+        let left = if sending {
+            due(next).saturating_duration_since(now)
+        } else {
+            RESPONSE_TIMEOUT
+        };
+        let wait = rustix::time::Timespec {
+            tv_sec: left.as_secs() as i64,
+            tv_nsec: left.subsec_nanos() as i64,
+        };
         events.clear();
-        match epoll::wait(&poll, spare_capacity(&mut events), wait.as_ref()) {
-            Ok(_) | Err(rustix::io::Errno::INTR) => {}
+        match epoll::wait(&poll, spare_capacity(&mut events), Some(&wait)) {
+            Ok(_) => {}
+            Err(rustix::io::Errno::INTR) => continue,
             Err(error) => panic!("epoll_pwait2: {error}"),
+        }
+        if events.is_empty() && !sending {
+            // Nothing answered in time: what is in flight and what was never sent are errors.
+            run.errors += carrying.iter().flatten().count() as u64 + (total - next);
+            run.sent = total;
+            break;
         }
         let done = Instant::now();
         for event in &events {
