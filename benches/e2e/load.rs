@@ -17,6 +17,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use idmatch_mock::http1::response_head;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
@@ -133,7 +134,7 @@ impl Connection {
     pub fn try_read_response(&mut self) -> io::Result<Option<(u16, usize)>> {
         let mut chunk = [0u8; 4096];
         loop {
-            if let Some((status, head_end, length)) = parse_head(&self.buf)? {
+            if let Some((status, head_end, length)) = response_head(&self.buf)? {
                 if self.buf.len() - head_end >= length {
                     return Ok(Some((status, length)));
                 }
@@ -156,7 +157,10 @@ impl Connection {
 
     /// The body of the last response (when it came with the head, as small ones do).
     pub fn last_body(&self) -> String {
-        let start = find(&self.buf, b"\r\n\r\n").map_or(0, |e| e + 4);
+        let start = response_head(&self.buf)
+            .ok()
+            .flatten()
+            .map_or(0, |(_, head_end, _)| head_end);
         String::from_utf8_lossy(&self.buf[start..]).into_owned()
     }
 
@@ -165,10 +169,6 @@ impl Connection {
         self.buf.clear();
         self.stream.write_all(bytes)
     }
-}
-
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
 }
 
 /// Latencies of one open-loop run, in nanoseconds, sorted.
@@ -344,28 +344,6 @@ pub fn open_loop(target: &Target, rate: u64, duration: Duration, connections: us
     run.service.sort_unstable();
     run.response.sort_unstable();
     run
-}
-
-/// Status, end of the head and `Content-Length` of a response head, once it is complete.
-fn parse_head(buf: &[u8]) -> io::Result<Option<(u16, usize, usize)>> {
-    let Some(end) = find(buf, b"\r\n\r\n") else {
-        return Ok(None);
-    };
-    let head_end = end + 4;
-    let head = std::str::from_utf8(&buf[..head_end]).map_err(io::Error::other)?;
-    let status: u16 = head
-        .get(9..12)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| io::Error::other(format!("bad status line: {head:?}")))?;
-    let length: usize = head
-        .lines()
-        .find_map(|l| {
-            let (name, value) = l.split_once(':')?;
-            name.eq_ignore_ascii_case("content-length")
-                .then(|| value.trim().parse().ok())?
-        })
-        .ok_or_else(|| io::Error::other(format!("no Content-Length: {head:?}")))?;
-    Ok(Some((status, head_end, length)))
 }
 
 /// Result of one wrk run.

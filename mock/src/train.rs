@@ -13,6 +13,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::http1::response_head;
 use crate::{api::BASE_PATHS, MockApi, Server, TestPki};
 
 const KEY_ID: &str = "pgo-training-key";
@@ -258,9 +259,8 @@ impl Connection {
         self.buf.clear();
         let mut chunk = [0; 4096];
         loop {
-            if let Some(head_end) = find(&self.buf, b"\r\n\r\n") {
-                let (status, length) = parse_head(&self.buf[..head_end])?;
-                if self.buf.len() - (head_end + 4) >= length {
+            if let Some((status, head_end, length)) = response_head(&self.buf)? {
+                if self.buf.len() - head_end >= length {
                     return Ok((status, length));
                 }
             }
@@ -270,26 +270,4 @@ impl Connection {
             }
         }
     }
-}
-
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
-}
-
-/// Status and `Content-Length` (0 if absent) of a response head.
-fn parse_head(head: &[u8]) -> io::Result<(u16, usize)> {
-    let head = std::str::from_utf8(head).map_err(io::Error::other)?;
-    let status = head
-        .get(9..12)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| io::Error::other(format!("bad status line: {head:?}")))?;
-    let length = head
-        .lines()
-        .find_map(|line| {
-            let (name, value) = line.split_once(':')?;
-            name.eq_ignore_ascii_case("content-length")
-                .then(|| value.trim().parse().ok())?
-        })
-        .unwrap_or(0);
-    Ok((status, length))
 }
