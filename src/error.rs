@@ -77,6 +77,35 @@ pub enum ProxyError {
 }
 
 impl ProxyError {
+    /// Every RFC 9209 type [`ProxyError::code`] returns, so that metrics can export each from
+    /// the start (an alert sees 0, not an absent series).
+    pub const CODES: [&'static str; 13] = [
+        "http_request_denied",
+        "http_request_error",
+        "dns_error",
+        "connection_refused",
+        "connection_timeout",
+        "tls_certificate_error",
+        "tls_protocol_error",
+        "destination_unavailable",
+        "proxy_configuration_error",
+        "http_response_timeout",
+        "connection_terminated",
+        "http_protocol_error",
+        "connection_limit_reached",
+    ];
+
+    /// The types of the errors for which [`ProxyError::is_connect_error`] holds.
+    pub const CONNECT_CODES: [&'static str; 7] = [
+        "dns_error",
+        "connection_refused",
+        "connection_timeout",
+        "tls_certificate_error",
+        "tls_protocol_error",
+        "destination_unavailable",
+        "proxy_configuration_error",
+    ];
+
     /// Sorts a client error by walking its causes. rustls' errors arrive wrapped in one or two
     /// `io::Error`s, whose `source` skips the error they wrap, so those are opened by `get_ref`.
     pub fn from_upstream(error: crate::pool::SendError) -> Self {
@@ -252,6 +281,77 @@ mod tests {
             json["error"]["message"],
             "the upstream refused the connection"
         );
+    }
+
+    /// One error of each variant. The match numbers the variants, so a new one does not compile
+    /// until it is numbered, and then the test fails until it has a sample here.
+    fn one_of_each() -> Vec<ProxyError> {
+        use std::time::Duration;
+        let samples = vec![
+            ProxyError::MethodRefused(http::Method::TRACE),
+            ProxyError::ForeignAuthority("example.com".into()),
+            ProxyError::InvalidTarget,
+            ProxyError::BodyTooLarge { limit: 1 },
+            ProxyError::RequestBody("x".into()),
+            ProxyError::RequestBodyTimeout(Duration::from_secs(1)),
+            ProxyError::TransferCoding("gzip".into()),
+            ProxyError::Dns("x".into()),
+            ProxyError::ConnectionRefused,
+            ProxyError::ConnectTimeout,
+            ProxyError::TlsCertificate("x".into()),
+            ProxyError::TlsProtocol("x".into()),
+            ProxyError::Unreachable("x".into()),
+            ProxyError::Egress("x".into()),
+            ProxyError::EgressAuthentication("x".into()),
+            ProxyError::ResponseTimeout(Duration::from_secs(1)),
+            ProxyError::Terminated("x".into()),
+            ProxyError::UpstreamProtocol("x"),
+            ProxyError::Overloaded,
+            ProxyError::UpstreamBusy {
+                limit: 1,
+                waited: Duration::from_secs(1),
+            },
+        ];
+        let number = |error: &ProxyError| match error {
+            ProxyError::MethodRefused(_) => 0,
+            ProxyError::ForeignAuthority(_) => 1,
+            ProxyError::InvalidTarget => 2,
+            ProxyError::BodyTooLarge { .. } => 3,
+            ProxyError::RequestBody(_) => 4,
+            ProxyError::RequestBodyTimeout(_) => 5,
+            ProxyError::TransferCoding(_) => 6,
+            ProxyError::Dns(_) => 7,
+            ProxyError::ConnectionRefused => 8,
+            ProxyError::ConnectTimeout => 9,
+            ProxyError::TlsCertificate(_) => 10,
+            ProxyError::TlsProtocol(_) => 11,
+            ProxyError::Unreachable(_) => 12,
+            ProxyError::Egress(_) => 13,
+            ProxyError::EgressAuthentication(_) => 14,
+            ProxyError::ResponseTimeout(_) => 15,
+            ProxyError::Terminated(_) => 16,
+            ProxyError::UpstreamProtocol(_) => 17,
+            ProxyError::Overloaded => 18,
+            ProxyError::UpstreamBusy { .. } => 19,
+        };
+        let numbers: Vec<usize> = samples.iter().map(number).collect();
+        assert_eq!(numbers, (0..20).collect::<Vec<_>>());
+        samples
+    }
+
+    #[test]
+    fn the_code_lists_are_exactly_the_codes_errors_have() {
+        use std::collections::BTreeSet;
+        let errors = one_of_each();
+        let codes: BTreeSet<_> = errors.iter().map(ProxyError::code).collect();
+        assert_eq!(codes, ProxyError::CODES.into_iter().collect());
+        assert_eq!(codes.len(), ProxyError::CODES.len(), "no duplicates");
+        let connect: BTreeSet<_> = errors
+            .iter()
+            .filter(|e| e.is_connect_error())
+            .map(ProxyError::code)
+            .collect();
+        assert_eq!(connect, ProxyError::CONNECT_CODES.into_iter().collect());
     }
 
     #[test]

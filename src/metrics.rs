@@ -12,6 +12,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use crate::error::ProxyError;
 use crate::token::TokenCache;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -49,6 +50,11 @@ fn status_class_index(status: http::StatusCode) -> usize {
 pub struct ErrorLabels {
     pub code: &'static str,
 }
+
+/// `upstream_retries{reason}`: after a connect failure, after a 401.
+const RETRY_REASONS: [&str; 2] = ["connect", "unauthorized"];
+/// `credential_reloads{outcome}`.
+const RELOAD_OUTCOMES: [&str; 2] = ["success", "failure"];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
@@ -193,6 +199,24 @@ impl Metrics {
             "Seconds until the cached token expires",
             metrics.token_expiry.clone(),
         );
+        // Every label value exists from the start: an alert on a rate then sees 0, not an
+        // absent series, before the first event.
+        for code in ProxyError::CODES {
+            metrics
+                .proxy_errors
+                .get_or_create_owned(&ErrorLabels { code });
+        }
+        for code in ProxyError::CONNECT_CODES {
+            (metrics.upstream_connect_errors).get_or_create_owned(&ErrorLabels { code });
+        }
+        for reason in RETRY_REASONS {
+            metrics
+                .retries
+                .get_or_create_owned(&ReasonLabels { reason });
+        }
+        for outcome in RELOAD_OUTCOMES {
+            (metrics.credential_reloads).get_or_create_owned(&OutcomeLabels { outcome });
+        }
         let build_info = Family::<BuildLabels, Gauge>::default();
         build_info
             .get_or_create(&BuildLabels {

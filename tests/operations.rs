@@ -674,3 +674,62 @@ async fn a_small_body_that_stops_arriving_gets_408_within_the_header_timeout() {
     );
     assert_eq!(upstream.request_count(), 0);
 }
+
+#[tokio::test]
+async fn a_fresh_proxy_exports_every_error_retry_and_reload_counter_at_zero() {
+    let (_upstream, proxy, _config) = stack_with(Duration::ZERO, &[]).await;
+    let text = send(&http1(), get(&admin_url(&proxy, "/metrics")))
+        .await
+        .body;
+    let text = String::from_utf8(text.to_vec()).unwrap();
+    let mut expected = Vec::new();
+    for code in [
+        "http_request_denied",
+        "http_request_error",
+        "dns_error",
+        "connection_refused",
+        "connection_timeout",
+        "tls_certificate_error",
+        "tls_protocol_error",
+        "destination_unavailable",
+        "proxy_configuration_error",
+        "http_response_timeout",
+        "connection_terminated",
+        "http_protocol_error",
+        "connection_limit_reached",
+    ] {
+        expected.push(format!(
+            r#"idmatch_proxy_proxy_errors_total{{code="{code}"}} 0"#
+        ));
+    }
+    for code in [
+        "dns_error",
+        "connection_refused",
+        "connection_timeout",
+        "tls_certificate_error",
+        "tls_protocol_error",
+        "destination_unavailable",
+        "proxy_configuration_error",
+    ] {
+        expected.push(format!(
+            r#"idmatch_proxy_upstream_connect_errors_total{{code="{code}"}} 0"#
+        ));
+    }
+    for reason in ["connect", "unauthorized"] {
+        expected.push(format!(
+            r#"idmatch_proxy_upstream_retries_total{{reason="{reason}"}} 0"#
+        ));
+    }
+    for outcome in ["success", "failure"] {
+        expected.push(format!(
+            r#"idmatch_proxy_credential_reloads_total{{outcome="{outcome}"}} 0"#
+        ));
+    }
+    let lines: Vec<&str> = text.lines().collect();
+    for line in &expected {
+        assert!(
+            lines.contains(&line.as_str()),
+            "missing {line:?} in:\n{text}"
+        );
+    }
+}
