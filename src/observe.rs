@@ -8,7 +8,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue, CONNECTION};
@@ -82,7 +82,7 @@ impl Observer {
             },
             status: None,
             code: None,
-            upstream_ms: None,
+            upstream: None,
             bytes: 0,
             complete: false,
             metrics: self.metrics.clone(),
@@ -112,7 +112,7 @@ impl Observer {
             }
             None => {
                 self.metrics.upstream_ttfb.observe(to_headers.as_secs_f64());
-                finish.upstream_ms = Some(to_headers.as_secs_f64() * 1e3);
+                finish.upstream = Some(to_headers);
             }
         }
         let headers = response.headers_mut();
@@ -158,7 +158,8 @@ struct Finish {
     /// `None` if the client went away before the response.
     status: Option<StatusCode>,
     code: Option<&'static str>,
-    upstream_ms: Option<f64>,
+    /// Time to the upstream's response head, when the upstream answered.
+    upstream: Option<Duration>,
     bytes: u64,
     /// The response body reached its end.
     complete: bool,
@@ -186,14 +187,21 @@ impl Drop for Finish {
             path = %self.entry.target,
             status = self.status.map(|s| s.as_u16()),
             bytes = self.bytes,
-            duration_ms = duration.as_secs_f64() * 1e3,
-            upstream_ms = self.upstream_ms,
+            duration_ms = millis(duration),
+            upstream_ms = self.upstream.map(millis),
             request_id = self.entry.request_id.to_str().unwrap_or("<binary>"),
             error = self.code,
             complete = self.complete,
             "request"
         );
     }
+}
+
+/// `duration` in milliseconds with microsecond resolution: whole microseconds divided by 1000
+/// print with at most three decimals (`3.41`), where `as_secs_f64() * 1e3` carries float
+/// noise into the log line (`3.4104389999999998`).
+fn millis(duration: Duration) -> f64 {
+    duration.as_micros() as f64 / 1e3
 }
 
 /// The response body, counted; dropping it writes the request's log line and metrics.
@@ -281,6 +289,26 @@ fn hex(value: u64) -> [u8; 16] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log_durations_are_milliseconds_to_the_microsecond() {
+        assert_eq!(
+            millis(Duration::from_nanos(3_410_438_999)).to_string(),
+            "3410.438"
+        );
+        assert_eq!(millis(Duration::from_nanos(3_410_439)).to_string(), "3.41");
+        assert_eq!(millis(Duration::from_micros(1)).to_string(), "0.001");
+        assert_eq!(millis(Duration::from_nanos(999)).to_string(), "0");
+        // Float noise in any of the first ten million: the division is correctly rounded, so
+        // the shortest text that reads back as it is the decimal one.
+        for micros in (0..10_000_000_u64).step_by(7) {
+            let text = millis(Duration::from_micros(micros)).to_string();
+            let decimals = text
+                .split_once('.')
+                .map_or(0, |(_, fraction)| fraction.len());
+            assert!(decimals <= 3, "{micros} µs: {text}");
+        }
+    }
 
     #[test]
     fn request_ids_are_a_process_prefix_and_a_counter_in_hex() {
