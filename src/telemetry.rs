@@ -18,10 +18,11 @@ mod json;
 /// `RUST_LOG` filters as usual and defaults to `info`; a filter that does not parse is reported
 /// and replaced by the default rather than silently ignored.
 pub fn init(format: LogFormat) {
+    let terminal = std::io::stderr().is_terminal();
     let json = match format {
         LogFormat::Json => true,
         LogFormat::Pretty => false,
-        LogFormat::Auto => !std::io::stderr().is_terminal(),
+        LogFormat::Auto => !terminal,
     };
     let (filter, bad_filter) = match EnvFilter::try_from_default_env() {
         Ok(filter) => (filter, None),
@@ -39,7 +40,9 @@ pub fn init(format: LogFormat) {
             .event_format(json::JsonLines)
             .init();
     } else {
-        builder.init();
+        // Colours are escape sequences: in a pipe or a file they are noise, even when `pretty`
+        // was asked for.
+        builder.with_ansi(terminal).init();
     }
     if let Some((value, error)) = bad_filter {
         tracing::warn!(rust_log = %value, %error, "RUST_LOG does not parse; logging at info");
