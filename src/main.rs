@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use idmatch_proxy::config::{Config, Loaded};
+use idmatch_proxy::config::{self, Config, Loaded, UnknownVariable};
 use idmatch_proxy::token::{claims_at, Clock, Signer, SystemClock};
 use idmatch_proxy::{telemetry, Listeners, Server};
 
@@ -26,8 +26,11 @@ const EXIT_FORCED: i32 = 130;
 #[derive(Parser)]
 #[command(version, about, long_about)]
 struct Cli {
-    /// TOML configuration file (every key optional; see config/idmatch-proxy.toml).
-    #[arg(long, env = "IDMATCH_CONFIG", global = true, value_name = "FILE")]
+    /// TOML configuration file, else from IDMATCH_CONFIG (every key optional; see
+    /// config/idmatch-proxy.toml).
+    // IDMATCH_CONFIG is read with the other variables, not by clap: an empty one is then a
+    // configuration error like any other, not a usage error.
+    #[arg(long, global = true, value_name = "FILE")]
     config: Option<PathBuf>,
     #[command(subcommand)]
     command: Option<Command>,
@@ -57,20 +60,42 @@ fn main() -> ExitCode {
         .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
         .collect();
     let loaded = Config::load(cli.config.as_deref(), &env);
+    let unknown = config::unknown_variables(&env);
     match cli.command.unwrap_or(Command::Run) {
-        // A health check must answer even if, say, the secret file is briefly unreadable.
         Command::Healthcheck { url } => {
-            let admin = loaded
-                .as_ref()
-                .map_or_else(|_| default_admin(), |l| l.config.admin_listen);
-            healthcheck(url.unwrap_or_else(|| format!("http://{}/readyz", reachable(admin))))
+            let url = match (url, &loaded) {
+                (Some(url), _) => url,
+                (None, Ok(loaded)) => {
+                    format!("http://{}/readyz", reachable(loaded.config.admin_listen))
+                }
+                // Guessing the default address could find another process there and report
+                // it healthy.
+                (None, Err(error)) => {
+                    return fail(
+                        1,
+                        format!("healthcheck: cannot tell the admin address (give --url): {error}"),
+                    )
+                }
+            };
+            healthcheck(&url)
         }
+        // Serving logs unknown variables once logging is set up; otherwise they go to stderr
+        // first, ahead of a refusal too: a misspelt name may be its cause.
         command => match loaded {
-            Err(error) => fail(EXIT_CONFIG, error),
+            Err(error) => {
+                warn(&unknown);
+                fail(EXIT_CONFIG, error)
+            }
             Ok(loaded) => match command {
-                Command::Check => check(&loaded),
-                Command::Token => token(&loaded),
-                _ => serve(loaded),
+                Command::Check => {
+                    warn(&unknown);
+                    check(&loaded)
+                }
+                Command::Token => {
+                    warn(&unknown);
+                    token(&loaded)
+                }
+                _ => serve(loaded, &unknown),
             },
         },
     }
@@ -95,8 +120,15 @@ fn token(loaded: &Loaded) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn serve(loaded: Loaded) -> ExitCode {
+fn serve(loaded: Loaded, unknown: &[UnknownVariable]) -> ExitCode {
     telemetry::init(loaded.config.log.format);
+    for variable in unknown {
+        tracing::warn!(
+            variable = %variable.name,
+            did_you_mean = variable.suggestion,
+            "unknown IDMATCH_ environment variable; ignored"
+        );
+    }
     let config = &loaded.config;
     // `available_parallelism` honours the cgroup CPU quota and the affinity mask.
     let workers = config.worker_threads.unwrap_or_else(|| {
@@ -176,10 +208,6 @@ async fn stop_signals() {
     });
 }
 
-fn default_admin() -> SocketAddr {
-    SocketAddr::from((Ipv4Addr::LOCALHOST, 9901))
-}
-
 /// The address to dial for a listener bound to `addr`: a wildcard becomes loopback.
 fn reachable(addr: SocketAddr) -> SocketAddr {
     match addr.ip() {
@@ -193,8 +221,9 @@ fn reachable(addr: SocketAddr) -> SocketAddr {
     }
 }
 
-/// GET `url` (plain HTTP), ready if 200 within two seconds.
-fn healthcheck(url: String) -> ExitCode {
+/// GET `url` (plain HTTP/1.1): exit 0 if it answers 200 within two seconds, else 1 (what
+/// Docker's HEALTHCHECK expects) with one line saying what happened.
+fn healthcheck(url: &str) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -202,21 +231,70 @@ fn healthcheck(url: String) -> ExitCode {
         Ok(runtime) => runtime,
         Err(error) => return fail(1, format!("cannot start the runtime: {error}")),
     };
-    let probe = async {
-        let uri: http::Uri = url.parse().map_err(|e| format!("--url {url:?}: {e}"))?;
-        let client =
-            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                .build_http::<http_body_util::Empty<bytes::Bytes>>();
-        let response = client.get(uri).await.map_err(|e| format!("{url}: {e}"))?;
-        match response.status() {
-            http::StatusCode::OK => Ok(()),
-            status => Err(format!("{url}: {status}")),
-        }
-    };
-    match runtime.block_on(async { tokio::time::timeout(Duration::from_secs(2), probe).await }) {
+    match runtime.block_on(async { tokio::time::timeout(Duration::from_secs(2), probe(url)).await })
+    {
         Ok(Ok(())) => ExitCode::SUCCESS,
         Ok(Err(error)) => fail(1, error),
         Err(_) => fail(1, format!("{url}: no answer within 2s")),
+    }
+}
+
+/// One readiness request, its failures in words rather than hyper's error chain.
+async fn probe(url: &str) -> Result<(), String> {
+    use http_body_util::{BodyExt, Empty, Limited};
+    let uri: http::Uri = url.parse().map_err(|e| format!("--url {url:?}: {e}"))?;
+    let authority = match (uri.scheme_str(), uri.authority()) {
+        (Some("http"), Some(authority)) => authority.clone(),
+        _ => return Err(format!("--url {url:?}: expected http://host:port/path")),
+    };
+    let address = format!("{}:{}", authority.host(), uri.port_u16().unwrap_or(80));
+    let stream = tokio::net::TcpStream::connect(&address)
+        .await
+        .map_err(|e| format!("cannot connect to {url}: {}", plainly(&e)))?;
+    let unanswered = |e: hyper::Error| format!("{url} did not answer: {e}");
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(unanswered)?;
+    tokio::spawn(connection);
+    let request = http::Request::get(uri.path_and_query().map_or("/", |p| p.as_str()))
+        .header(http::header::HOST, authority.as_str())
+        .body(Empty::<bytes::Bytes>::new())
+        .map_err(|e| format!("--url {url:?}: {e}"))?;
+    let response = sender.send_request(request).await.map_err(unanswered)?;
+    let status = response.status();
+    if status == http::StatusCode::OK {
+        return Ok(());
+    }
+    // `/readyz` says why in `reason`; any other answer is named by its status alone.
+    let body = Limited::new(response.into_body(), 4096).collect().await;
+    let reason = body.ok().and_then(|body| {
+        let json: serde_json::Value = serde_json::from_slice(&body.to_bytes()).ok()?;
+        json["reason"].as_str().map(str::to_owned)
+    });
+    Err(match reason {
+        Some(reason) => format!("{url} answered {}: {reason}", status.as_u16()),
+        None => format!("{url} answered {status}"),
+    })
+}
+
+/// An I/O error as a phrase: "connection refused", not "Connection refused (os error 111)".
+fn plainly(error: &std::io::Error) -> String {
+    use std::io::ErrorKind;
+    match error.kind() {
+        ErrorKind::ConnectionRefused => "connection refused".into(),
+        ErrorKind::ConnectionReset => "connection reset".into(),
+        ErrorKind::TimedOut => "timed out".into(),
+        ErrorKind::HostUnreachable => "host unreachable".into(),
+        ErrorKind::NetworkUnreachable => "network unreachable".into(),
+        _ => error.to_string(),
+    }
+}
+
+/// For the commands that do not log: one line each on stderr.
+fn warn(unknown: &[UnknownVariable]) {
+    for variable in unknown {
+        eprintln!("idmatch-proxy: warning: {variable}");
     }
 }
 
