@@ -60,6 +60,8 @@ pub struct Server {
     tokens: Arc<TokenCache>,
     metrics: Arc<Metrics>,
     draining: Arc<AtomicBool>,
+    /// Raised by the admin listener's `POST /quitquitquit`.
+    quit: Arc<Notify>,
     credentials: Credentials,
     limits: ClientLimits,
     redact_query: bool,
@@ -89,6 +91,7 @@ impl Server {
             tokens,
             metrics,
             draining: Arc::new(AtomicBool::new(false)),
+            quit: Arc::new(Notify::new()),
             credentials: config.credentials.clone(),
             limits: config.client.clone(),
             redact_query: config.log.redact_query,
@@ -102,7 +105,8 @@ impl Server {
         &self.tokens
     }
 
-    /// Serves until `shutdown` resolves, then drains and stops (see the module doc).
+    /// Serves until `shutdown` resolves or the admin listener is asked to quit, then drains and
+    /// stops (see the module doc).
     pub async fn serve(self, listeners: Listeners, shutdown: impl Future<Output = ()>) {
         let refresher = tokio::spawn(self.tokens.clone().run_refresher());
         let reloader = Reloader::new(&self.credentials, self.tokens.clone(), self.metrics.clone())
@@ -113,6 +117,7 @@ impl Server {
                 tokens: self.tokens.clone(),
                 metrics: self.metrics.clone(),
                 draining: self.draining.clone(),
+                quit: self.quit.clone(),
             },
         ));
         let observer = Arc::new(Observer::new(
@@ -128,10 +133,10 @@ impl Server {
         let listener = listeners.proxy;
         let drain = tokio::time::sleep(Duration::MAX);
         tokio::pin!(shutdown, drain);
-        let mut draining = false;
+        let (mut draining, mut signalled) = (false, false);
 
         loop {
-            tokio::select! {
+            let stop = tokio::select! {
                 accepted = listener.accept() => {
                     let (stream, peer) = match accepted {
                         Ok(accepted) => accepted,
@@ -153,16 +158,24 @@ impl Server {
                     let io = TokioIo::new(Tracked { inner: stream, activity: activity.clone() });
                     let connection = http.serve_connection(io, service).into_owned();
                     connections.spawn(drive(connection, activity, self.limits.clone(), phases.clone(), peer));
+                    false
                 }
-                () = &mut shutdown, if !draining => {
-                    draining = true;
-                    self.draining.store(true, Ordering::SeqCst);
-                    phases.set(Phase::Draining);
-                    drain.as_mut().reset(Instant::now() + self.drain_delay);
-                    tracing::info!(drain_delay = ?self.drain_delay, "draining: readiness is 503; still accepting");
+                // Still awaited after a quit started the drain: the caller's second-signal exit
+                // is armed by its first signal.
+                () = &mut shutdown, if !signalled => {
+                    signalled = true;
+                    true
                 }
+                () = self.quit.notified(), if !draining => true,
                 () = &mut drain, if draining => break,
-                Some(_) = connections.join_next(), if !connections.is_empty() => {}
+                Some(_) = connections.join_next(), if !connections.is_empty() => false,
+            };
+            if stop && !draining {
+                draining = true;
+                self.draining.store(true, Ordering::SeqCst);
+                phases.set(Phase::Draining);
+                drain.as_mut().reset(Instant::now() + self.drain_delay);
+                tracing::info!(drain_delay = ?self.drain_delay, "draining: readiness is 503; still accepting");
             }
         }
 

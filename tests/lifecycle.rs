@@ -165,15 +165,164 @@ async fn healthcheck_command_follows_readiness() {
     assert!(healthcheck(&[], &from_config).status.success());
 
     let closed = refusing_port();
-    let down = healthcheck(
-        &["--url".into(), format!("http://{}/readyz", closed.addr)],
-        &HashMap::new(),
-    );
+    let url = format!("http://{}/readyz", closed.addr);
+    let down = healthcheck(&["--url".into(), url.clone()], &HashMap::new());
     assert_eq!(down.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&down.stderr);
+    assert_eq!(
+        String::from_utf8_lossy(&down.stderr),
+        format!("idmatch-proxy: cannot connect to {url}: connection refused\n")
+    );
+
+    // Without --url and without a configuration that loads, there is no address to ask: no
+    // guess at a default, which another process could be answering.
+    let mut broken = env.clone();
+    broken.insert("IDMATCH_TOKEN_LIFETIME".into(), "abc".into());
+    let unknown = healthcheck(&[], &broken);
+    assert_eq!(unknown.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&unknown.stderr);
     assert!(
-        stderr.starts_with("idmatch-proxy: ") && stderr.lines().count() == 1,
+        stderr.starts_with("idmatch-proxy: healthcheck: cannot tell the admin address")
+            && stderr.contains("IDMATCH_TOKEN_LIFETIME")
+            && stderr.lines().count() == 1,
         "{stderr}"
+    );
+    // With --url the configuration is not needed.
+    let url = format!("http://{}/readyz", proxy.admin);
+    assert!(healthcheck(&["--url".into(), url], &broken)
+        .status
+        .success());
+}
+
+/// `POST /quitquitquit` on the admin listener, from loopback: the drain SIGTERM starts, and the
+/// health check says so plainly.
+#[tokio::test]
+async fn quitquitquit_drains_and_exits_0() {
+    let pki = TestPki::localhost();
+    let upstream = upstream(&pki, Duration::ZERO).await;
+    let (_config, env) = env_for(&upstream, &pki, &[("IDMATCH_DRAIN_DELAY", "2s")]);
+    let mut proxy = Binary::serve(&env);
+    let client = http1();
+    let quit = Request::post(format!("http://{}/quitquitquit", proxy.admin))
+        .body(Default::default())
+        .unwrap();
+    let answer = send(&client, quit).await;
+    assert_eq!(answer.status, StatusCode::ACCEPTED);
+    assert_eq!(answer.json()["status"], "draining");
+
+    // Draining: not ready, still serving.
+    let url = format!("http://{}/readyz", proxy.admin);
+    let deadline = Instant::now() + Duration::from_secs(1);
+    let draining = loop {
+        let check = Binary::command()
+            .args(["healthcheck", "--url", &url])
+            .output()
+            .unwrap();
+        if !check.status.success() || Instant::now() > deadline {
+            break check;
+        }
+    };
+    assert_eq!(draining.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&draining.stderr),
+        format!("idmatch-proxy: {url} answered 503: draining\n")
+    );
+    assert_eq!(
+        send(&client, get(&proxy.url("/sim-swap"))).await.status,
+        StatusCode::OK
+    );
+
+    let (status, logs) = proxy.finish(Duration::from_secs(10));
+    assert!(status.success(), "{status:?}");
+    assert!(
+        logs.iter()
+            .any(|l| l.contains("shutdown requested by POST /quitquitquit")),
+        "{logs:#?}"
+    );
+    assert!(logs.last().unwrap().contains("\"stopped\""), "{logs:#?}");
+}
+
+/// With no drain delay the process stops right after answering: the answer still arrives whole.
+#[tokio::test]
+async fn quitquitquit_is_answered_before_an_immediate_exit() {
+    let pki = TestPki::localhost();
+    let upstream = upstream(&pki, Duration::ZERO).await;
+    let (_config, env) = env_for(&upstream, &pki, &[]);
+    let mut proxy = Binary::serve(&env);
+    let answer = raw(
+        proxy.admin,
+        b"POST /quitquitquit HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 202 "), "{answer:?}");
+    assert!(answer.ends_with(r#"{"status":"draining"}"#), "{answer:?}");
+    assert!(proxy.wait(Duration::from_secs(10)).success());
+}
+
+/// A stop signal during a drain that `/quitquitquit` started counts as the first one: the
+/// drain goes on, and the next signal exits at once.
+#[tokio::test]
+async fn after_quitquitquit_a_signal_is_the_first_and_the_next_exits_at_once() {
+    let pki = TestPki::localhost();
+    let upstream = upstream(&pki, Duration::ZERO).await;
+    let (_config, env) = env_for(&upstream, &pki, &[("IDMATCH_DRAIN_DELAY", "30s")]);
+    let mut proxy = Binary::serve(&env);
+    let quit = Request::post(format!("http://{}/quitquitquit", proxy.admin))
+        .body(Default::default())
+        .unwrap();
+    assert_eq!(send(&http1(), quit).await.status, StatusCode::ACCEPTED);
+    let logged = |proxy: &Binary, text: &str| proxy.logs().iter().any(|l| l.contains(text));
+    while !logged(&proxy, "draining: readiness is 503") {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    proxy.signal("TERM");
+    while !logged(&proxy, "\"signal\":\"SIGTERM\"") {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(proxy
+        .logs()
+        .iter()
+        .all(|l| !l.contains("second stop signal")));
+    proxy.signal("TERM");
+    assert_eq!(proxy.wait(Duration::from_secs(5)).code(), Some(130));
+}
+
+/// `pretty` asked for, stderr a pipe (as in every test): no colour escape sequences.
+#[test]
+fn pretty_logs_into_a_pipe_have_no_colours() {
+    use std::io::BufRead;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let pki = TestPki::localhost();
+    let upstream = rt.block_on(upstream(&pki, Duration::ZERO));
+    let (_config, env) = env_for(&upstream, &pki, &[("IDMATCH_LOG_FORMAT", "pretty")]);
+    let mut child = Binary::command()
+        .envs(&env)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = Vec::new();
+    for line in std::io::BufReader::new(stderr).lines() {
+        let line = line.unwrap();
+        let ready = line.contains("idmatch-proxy ready");
+        lines.push(line);
+        if ready {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        lines
+            .last()
+            .is_some_and(|l| l.contains("idmatch-proxy ready")),
+        "{lines:#?}"
+    );
+    assert!(lines.iter().all(|l| !l.contains('\u{1b}')), "{lines:#?}");
+    assert!(
+        serde_json::from_str::<serde_json::Value>(&lines[0]).is_err(),
+        "pretty, not JSON"
     );
 }
 
@@ -237,6 +386,14 @@ async fn one_access_log_line_per_request_with_the_query_redacted() {
     assert_eq!(line["request_id"], "trace-me-1");
     assert_eq!(line["complete"], true);
     assert!(line["duration_ms"].as_f64().unwrap() >= line["upstream_ms"].as_f64().unwrap());
+    // Milliseconds to the microsecond, without float noise such as 3.4104389999999998.
+    let raw = logs.iter().find(|l| l.contains("trace-me-1")).unwrap();
+    for field in ["duration_ms", "upstream_ms"] {
+        let value = raw.split(&format!("\"{field}\":")).nth(1).unwrap();
+        let number = value.split([',', '}']).next().unwrap();
+        let decimals = number.split_once('.').map_or(0, |(_, f)| f.len());
+        assert!(decimals <= 3, "{field}: {number}");
+    }
     assert!(
         !logs.iter().any(|l| l.contains("31610000001")),
         "a phone number reached the logs"
