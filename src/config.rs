@@ -317,8 +317,20 @@ fn escape_controls(text: String) -> String {
 }
 
 impl Config {
-    /// Reads the file (when given), then the secret and CA files the settings name.
-    pub fn load(file: Option<&Path>, env: &HashMap<String, String>) -> Result<Loaded, ConfigError> {
+    /// Reads the config file (`--config`, given as `flag`, else `IDMATCH_CONFIG`, else none),
+    /// then the secret and CA files the settings name.
+    pub fn load(flag: Option<&Path>, env: &HashMap<String, String>) -> Result<Loaded, ConfigError> {
+        let file = match (flag, env.get(CONFIG_ENV)) {
+            (Some(path), _) => Some(path),
+            (None, Some(text)) if text.is_empty() => {
+                let problem = expected("the path of a TOML config file", text);
+                return Err(ConfigError::new(
+                    format!("{CONFIG_ENV} (environment)"),
+                    problem,
+                ));
+            }
+            (None, text) => text.map(Path::new),
+        };
         let text = file
             .map(|path| {
                 fs::read_to_string(path).map_err(|e| {
@@ -467,9 +479,9 @@ impl Key {
             Key::CredentialsSecret => row("credentials.secret", "IDMATCH_SECRET", None, Forbidden),
             Key::CredentialsReloadInterval => row("credentials.reload_interval", "IDMATCH_CREDENTIALS_RELOAD_INTERVAL", Some("1s"), Str(DURATION)),
             Key::TokenLifetime => row("token.lifetime", "IDMATCH_TOKEN_LIFETIME", Some("60s"), Str(SECONDS)),
-            Key::TokenRefreshBefore => row("token.refresh_before", "IDMATCH_TOKEN_REFRESH_BEFORE", Some("15s"), Str(SECONDS)),
-            Key::TokenMargin => row("token.margin", "IDMATCH_TOKEN_MARGIN", Some("5s"), Str(DURATION)),
-            Key::TokenBackdate => row("token.backdate", "IDMATCH_TOKEN_BACKDATE", Some("5s"), Str(SECONDS)),
+            Key::TokenRefreshBefore => row("token.refresh_before", "IDMATCH_TOKEN_REFRESH_BEFORE", Some("15s"), Str(REFRESH_BEFORE)),
+            Key::TokenMargin => row("token.margin", "IDMATCH_TOKEN_MARGIN", Some("5s"), Str(MARGIN)),
+            Key::TokenBackdate => row("token.backdate", "IDMATCH_TOKEN_BACKDATE", Some("5s"), Str(BACKDATE)),
             Key::ClientHeaderTimeout => row("client.header_timeout", "IDMATCH_CLIENT_HEADER_TIMEOUT", Some("10s"), Str(DURATION)),
             Key::ClientIdleTimeout => row("client.idle_timeout", "IDMATCH_CLIENT_IDLE_TIMEOUT", Some("60s"), Str(DURATION)),
             Key::ClientMaxHeaderBytes => row("client.max_header_bytes", "IDMATCH_CLIENT_MAX_HEADER_BYTES", Some("16KiB"), Str(SIZE)),
@@ -488,6 +500,15 @@ impl Key {
         self.spec().env
     }
 
+    /// What the key's value must be, as its row describes it.
+    fn expects(self) -> &'static str {
+        match self.spec().toml {
+            Toml::Str(what) => what,
+            Toml::Bool => "true or false",
+            Toml::Forbidden => TEXT,
+        }
+    }
+
     /// The key as the operator wrote it, e.g. `token.lifetime in /etc/x.toml`.
     fn describe(self, origin: &Origin) -> String {
         match origin {
@@ -502,8 +523,13 @@ const ADDR: &str = "a socket address like 127.0.0.1:8080 or [::]:8080";
 const URL: &str = "an absolute URL like https://api.cm.com/mobile-identity/v1";
 const PATH: &str = "a file path";
 const ROOTS: &str = "webpki or native";
+// A duration key's description is also what a malformed value is answered with, so its
+// examples are values that key accepts with the other keys at their defaults.
 const DURATION: &str = "a duration like 60s, 500ms or 2m";
 const SECONDS: &str = "whole seconds like 60s or 2m (JWT times have one-second resolution)";
+const REFRESH_BEFORE: &str = "whole seconds like 15s or 30s (JWT times have one-second resolution)";
+const BACKDATE: &str = "whole seconds like 5s or 0s (JWT times have one-second resolution)";
+const MARGIN: &str = "a duration like 5s or 500ms";
 const TEXT: &str = "a non-empty string";
 const SIZE: &str = "a size in bytes like 65536, 64KiB or 1MiB";
 const COUNT: &str = "a positive integer";
@@ -585,13 +611,17 @@ impl Layers {
                     ));
                 }
                 (None, _) => {
-                    let expected = Key::ALL
+                    let known = Key::ALL
                         .iter()
                         .filter(|k| k.spec().toml != Toml::Forbidden)
-                        .map(|k| k.name())
-                        .collect::<Vec<_>>()
-                        .join(", ");
-                    let problem = format!("unknown key {dotted:?} (expected one of: {expected})");
+                        .map(|k| k.name());
+                    let problem = match closest(&dotted, known.clone()) {
+                        Some(name) => format!("unknown key {dotted:?} (did you mean {name}?)"),
+                        None => format!(
+                            "unknown key {dotted:?} (expected one of: {})",
+                            known.collect::<Vec<_>>().join(", ")
+                        ),
+                    };
                     return Err(ConfigError::new(
                         at_line(path, source, Some(name.span().start)),
                         problem,
@@ -704,7 +734,38 @@ impl Layers {
         })
     }
 
+    /// A path key. A relative path from the config file is relative to the file's directory, so
+    /// that a file and what it names can move together; one from the environment stays
+    /// relative to the working directory, as a shell would read it.
+    fn path(&self, key: Key) -> Result<Option<PathBuf>, ConfigError> {
+        let path = self.optional(key, path)?;
+        Ok(match (path, self.origin(key)) {
+            (Some(path), Origin::File(file)) if path.is_relative() => {
+                Some(file.parent().unwrap_or(Path::new("")).join(path))
+            }
+            (path, _) => path,
+        })
+    }
+
+    /// A duration key, `<integer><unit>`; JWT times in whole seconds. A value refused for its
+    /// form is answered with the key's own description.
+    fn duration(&self, key: Key, resolution: Resolution) -> Result<Duration, ConfigError> {
+        self.value(key, |text| match parse_duration(text) {
+            Some(d) if resolution == Resolution::Millis || d.subsec_nanos() == 0 => Ok(d),
+            _ => Err(expected(key.expects(), text)),
+        })
+    }
+
+    /// A duration key that must be greater than zero: a timeout, an interval, a lifetime.
+    fn positive(&self, key: Key, resolution: Resolution) -> Result<Duration, ConfigError> {
+        match self.duration(key, resolution)? {
+            d if d.is_zero() => Err(self.error(key, "must be greater than zero")),
+            d => Ok(d),
+        }
+    }
+
     fn build(&self) -> Result<Config, ConfigError> {
+        use Resolution::{Millis, Seconds};
         let listen = self.value(Key::Listen, socket_addr)?;
         let (scheme, authority, base_path) = self.value(Key::UpstreamUrl, url)?;
         let allow_insecure_http = self.value(Key::UpstreamAllowInsecureHttp, boolean)?;
@@ -719,8 +780,8 @@ impl Layers {
             return Err(self.error(Key::UpstreamUrl, problem));
         }
         let roots = self.value(Key::UpstreamRoots, roots)?;
-        let connect_timeout = self.value(Key::UpstreamConnectTimeout, timeout)?;
-        let response_timeout = self.value(Key::UpstreamResponseTimeout, timeout)?;
+        let connect_timeout = self.positive(Key::UpstreamConnectTimeout, Millis)?;
+        let response_timeout = self.positive(Key::UpstreamResponseTimeout, Millis)?;
         let proxy = self.optional(Key::UpstreamProxy, proxy_url)?;
         let no_proxy = self.optional(Key::UpstreamNoProxy, |t| Ok(t.to_owned()))?;
         // The upstream is fixed, so NO_PROXY is decided once, here.
@@ -731,21 +792,21 @@ impl Layers {
         });
         let replay_buffer_bytes = self.value(Key::UpstreamReplayBufferBytes, size)?;
         let max_in_flight = self.value(Key::UpstreamMaxInFlight, count)?;
-        let reload_interval = self.value(Key::CredentialsReloadInterval, timeout)?;
+        let reload_interval = self.positive(Key::CredentialsReloadInterval, Millis)?;
         let token = TokenSettings {
-            lifetime: self.value(Key::TokenLifetime, |t| whole_seconds(t).and_then(nonzero))?,
-            refresh_before: self.value(Key::TokenRefreshBefore, whole_seconds)?,
-            margin: self.value(Key::TokenMargin, duration)?,
-            backdate: self.value(Key::TokenBackdate, whole_seconds)?,
+            lifetime: self.positive(Key::TokenLifetime, Seconds)?,
+            refresh_before: self.duration(Key::TokenRefreshBefore, Seconds)?,
+            margin: self.duration(Key::TokenMargin, Millis)?,
+            backdate: self.duration(Key::TokenBackdate, Seconds)?,
         };
         self.validate(&token)?;
-        let shutdown_timeout = self.value(Key::ShutdownTimeout, timeout)?;
+        let shutdown_timeout = self.positive(Key::ShutdownTimeout, Millis)?;
         let admin_listen = self.value(Key::AdminListen, socket_addr)?;
-        let drain_delay = self.value(Key::DrainDelay, duration)?;
+        let drain_delay = self.duration(Key::DrainDelay, Millis)?;
         let worker_threads = self.value(Key::WorkerThreads, threads)?;
         let client = ClientLimits {
-            header_timeout: self.value(Key::ClientHeaderTimeout, timeout)?,
-            idle_timeout: self.value(Key::ClientIdleTimeout, timeout)?,
+            header_timeout: self.positive(Key::ClientHeaderTimeout, Millis)?,
+            idle_timeout: self.positive(Key::ClientIdleTimeout, Millis)?,
             max_header_bytes: self.value(Key::ClientMaxHeaderBytes, |t| {
                 size(t).and_then(|n| match n {
                     // hyper's smallest read buffer; the limit is enforced through it.
@@ -764,7 +825,7 @@ impl Layers {
         };
 
         // Files last, once everything they could be wasted on is known to be valid.
-        let ca_file = self.optional(Key::UpstreamCaFile, path)?;
+        let ca_file = self.path(Key::UpstreamCaFile)?;
         let extra_roots = match &ca_file {
             Some(file) => {
                 read_certificates(file).map_err(|p| self.error(Key::UpstreamCaFile, p))?
@@ -820,7 +881,7 @@ impl Layers {
 
     /// The key id, and the file it was read from. `read_env` left at most one source.
     fn key_id(&self) -> Result<(String, Option<PathBuf>), ConfigError> {
-        if let Some(file) = self.optional(Key::CredentialsKeyIdFile, path)? {
+        if let Some(file) = self.path(Key::CredentialsKeyIdFile)? {
             let key_id =
                 read_key_id(&file).map_err(|p| self.error(Key::CredentialsKeyIdFile, p))?;
             return Ok((key_id, Some(file)));
@@ -841,7 +902,7 @@ impl Layers {
 
     /// The secret, and the file it was read from. `read_env` left at most one source.
     fn secret(&self) -> Result<(Secret, Option<PathBuf>), ConfigError> {
-        if let Some(file) = self.optional(Key::CredentialsSecretFile, path)? {
+        if let Some(file) = self.path(Key::CredentialsSecretFile)? {
             let secret =
                 read_secret(&file).map_err(|p| self.error(Key::CredentialsSecretFile, p))?;
             return Ok((secret, Some(file)));
@@ -980,6 +1041,78 @@ impl Layers {
     }
 }
 
+/// Variables the proxy reads that are not settings.
+const OTHER_ENV: [&str; 1] = [CONFIG_ENV];
+
+/// The config file's path, when `--config` is not given.
+const CONFIG_ENV: &str = "IDMATCH_CONFIG";
+
+/// An `IDMATCH_*` environment variable that no setting reads: most likely a typo, which would
+/// otherwise change nothing and say nothing. Only the name is kept: a misspelt
+/// `IDMATCH_SECRET` holds the secret.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnknownVariable {
+    pub name: String,
+    /// The known variable it is closest to, if any is close.
+    pub suggestion: Option<&'static str>,
+}
+
+impl fmt::Display for UnknownVariable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} (environment): not a setting, ignored", self.name)?;
+        match self.suggestion {
+            Some(known) => write!(f, "; did you mean {known}?"),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The variables in `env` that look like ours (`IDMATCH_`, in any case) but are not, sorted.
+pub fn unknown_variables(env: &HashMap<String, String>) -> Vec<UnknownVariable> {
+    let known = || Key::ALL.into_iter().map(Key::env).chain(OTHER_ENV);
+    let mut unknown = env
+        .keys()
+        .filter(|name| {
+            name.get(..PREFIX.len())
+                .is_some_and(|prefix| prefix.eq_ignore_ascii_case(PREFIX))
+                && !known().any(|known| known == name.as_str())
+        })
+        .map(|name| UnknownVariable {
+            name: escape_controls(name.clone()),
+            suggestion: closest(&name.to_ascii_uppercase(), known()),
+        })
+        .collect::<Vec<_>>();
+    unknown.sort_by(|a, b| a.name.cmp(&b.name));
+    unknown
+}
+
+const PREFIX: &str = "IDMATCH_";
+
+/// The candidate nearest to `name` by edit distance, if near enough to be a typo of it: at most
+/// one edit per six characters, so that `upstream.urll` finds `upstream.url` but
+/// `upstream.foo` finds nothing.
+fn closest<'a>(name: &str, candidates: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+    candidates
+        .map(|candidate| (edit_distance(name, candidate), candidate))
+        .filter(|&(distance, candidate)| distance <= (candidate.len() / 6).max(1))
+        .min_by_key(|&(distance, _)| distance)
+        .map(|(_, candidate)| candidate)
+}
+
+/// Levenshtein distance over bytes (names are ASCII): insertions, deletions, substitutions.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let mut previous = (0..=b.len()).collect::<Vec<_>>();
+    for (i, x) in a.bytes().enumerate() {
+        let mut current = vec![i + 1; b.len() + 1];
+        for (j, y) in b.bytes().enumerate() {
+            let substitution = previous[j] + usize::from(x != y);
+            current[j + 1] = substitution.min(previous[j + 1] + 1).min(current[j] + 1);
+        }
+        previous = current;
+    }
+    previous[b.len()]
+}
+
 /// `/etc/x.toml line 4`, from a byte offset into the file.
 fn at_line(path: &Path, source: &str, offset: Option<usize>) -> String {
     match offset {
@@ -1099,40 +1232,25 @@ fn non_empty(text: &str) -> Result<String, String> {
     }
 }
 
+/// The smallest step a duration key can take.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Resolution {
+    Millis,
+    /// JWT times (RFC 7519 NumericDate) are whole seconds.
+    Seconds,
+}
+
 /// `<integer><unit>`, unit one of `ms`, `s`, `m`, `h`.
-fn duration(text: &str) -> Result<Duration, String> {
+fn parse_duration(text: &str) -> Option<Duration> {
     let digits = text.bytes().take_while(u8::is_ascii_digit).count();
     let (number, unit) = text.split_at(digits);
-    let number = number.parse::<u64>().ok();
-    let parsed = match unit {
-        "ms" => number.map(Duration::from_millis),
-        "s" => number.map(Duration::from_secs),
-        "m" => number
-            .and_then(|n| n.checked_mul(60))
-            .map(Duration::from_secs),
-        "h" => number
-            .and_then(|n| n.checked_mul(3600))
-            .map(Duration::from_secs),
+    let number = number.parse::<u64>().ok()?;
+    match unit {
+        "ms" => Some(Duration::from_millis(number)),
+        "s" => Some(Duration::from_secs(number)),
+        "m" => number.checked_mul(60).map(Duration::from_secs),
+        "h" => number.checked_mul(3600).map(Duration::from_secs),
         _ => None,
-    };
-    parsed.ok_or_else(|| expected(DURATION, text))
-}
-
-fn whole_seconds(text: &str) -> Result<Duration, String> {
-    match duration(text)? {
-        d if d.subsec_nanos() == 0 => Ok(d),
-        _ => Err(expected(SECONDS, text)),
-    }
-}
-
-fn timeout(text: &str) -> Result<Duration, String> {
-    duration(text).and_then(nonzero)
-}
-
-fn nonzero(d: Duration) -> Result<Duration, String> {
-    match d.is_zero() {
-        true => Err("must be greater than zero".into()),
-        false => Ok(d),
     }
 }
 
@@ -1518,7 +1636,7 @@ mod tests {
             ("1h", secs(3600)),
         ];
         for (text, expected) in ok {
-            assert_eq!(duration(text), Ok(expected), "{text}");
+            assert_eq!(parse_duration(text), Some(expected), "{text}");
         }
         for text in [
             "",
@@ -1533,9 +1651,9 @@ mod tests {
             "1sec",
             "99999999999999999999s",
         ] {
-            assert!(duration(text).is_err(), "{text}");
+            assert_eq!(parse_duration(text), None, "{text}");
         }
-        assert!(duration(&format!("{}h", u64::MAX / 60)).is_err());
+        assert_eq!(parse_duration(&format!("{}h", u64::MAX / 60)), None);
         assert_eq!(show_duration(secs(60)), "60s");
         assert_eq!(show_duration(Duration::from_millis(1500)), "1500ms");
     }
@@ -1544,14 +1662,54 @@ mod tests {
     fn bad_duration_names_key_and_origin() {
         assert_eq!(
             env_error(&[("IDMATCH_TOKEN_LIFETIME", "abc")]),
-            r#"IDMATCH_TOKEN_LIFETIME (environment): expected a duration like 60s, 500ms or 2m, got "abc""#
+            r#"IDMATCH_TOKEN_LIFETIME (environment): expected whole seconds like 60s or 2m (JWT times have one-second resolution), got "abc""#
         );
         assert_eq!(
-            file_error("[token]\nlifetime = \"abc\""),
+            file_error("[upstream]\nconnect_timeout = \"abc\""),
             format!(
-                r#"token.lifetime in {FILE}: expected a duration like 60s, 500ms or 2m, got "abc""#
+                r#"upstream.connect_timeout in {FILE}: expected a duration like 60s, 500ms or 2m, got "abc""#
             )
         );
+    }
+
+    /// A malformed value is answered with examples, and each example must be one the key
+    /// accepts: a JWT time suggesting `500ms` would then refuse it.
+    #[test]
+    fn every_duration_key_suggests_only_values_it_accepts() {
+        let durations = Key::ALL.into_iter().filter(|key| {
+            matches!(
+                key.expects(),
+                DURATION | SECONDS | REFRESH_BEFORE | BACKDATE | MARGIN
+            )
+        });
+        let mut checked = 0;
+        for key in durations {
+            let message = env_error(&[(key.env(), "abc")]);
+            let expects = key.expects();
+            assert_eq!(
+                message,
+                format!(
+                    "{} (environment): expected {expects}, got \"abc\"",
+                    key.env()
+                )
+            );
+            // The examples: every word that starts with a digit, without a trailing comma.
+            let examples = expects
+                .split_whitespace()
+                .filter(|word| word.starts_with(|c: char| c.is_ascii_digit()))
+                .map(|word| word.trim_end_matches(','));
+            for example in examples {
+                let accepted = load(None, &env_with(&[(key.env(), example)]));
+                assert!(
+                    accepted.is_ok(),
+                    "{}={example}: {:?}",
+                    key.env(),
+                    accepted.err()
+                );
+            }
+            checked += 1;
+        }
+        assert_eq!(checked, 11, "every duration key");
     }
 
     #[test]
@@ -1806,11 +1964,11 @@ mod tests {
 
     #[test]
     fn unknown_keys_name_file_and_line() {
-        let message = file_error("listen = \"127.0.0.1:1\"\n\n[upstream]\nurll = \"https://x\"\n");
+        let message = file_error("listen = \"127.0.0.1:1\"\n\n[upstream]\nfoo = \"https://x\"\n");
         assert_eq!(
             message,
             format!(
-                "{FILE} line 4: unknown key \"upstream.urll\" (expected one of: listen, \
+                "{FILE} line 4: unknown key \"upstream.foo\" (expected one of: listen, \
                  admin.listen, drain_delay, shutdown_timeout, worker_threads, upstream.url, \
                  upstream.roots, upstream.ca_file, upstream.allow_insecure_http, \
                  upstream.connect_timeout, upstream.response_timeout, upstream.proxy, \
@@ -2342,5 +2500,173 @@ mod tests {
             message.starts_with("IDMATCH_KEY_ID_FILE (environment): the key id equals the secret"),
             "{message}"
         );
+    }
+
+    #[test]
+    fn unknown_variables_are_named_with_the_closest_known_one() {
+        let env = env_with(&[
+            ("IDMATCH_UPSTREAM_URLL", "https://x"),
+            // Its value is the secret: only the name may be shown.
+            ("IDMATCH_SECRETT", SECRET),
+            ("idmatch_listen", "127.0.0.1:1"),
+            ("IDMATCH_SOMETHING_ELSE", "1"),
+            ("IDMATCH_CONFIG", "/etc/idmatch/idmatch-proxy.toml"),
+            ("HTTPS_PROXY", "http://proxy:3128"),
+            ("MATCH_LISTEN", "x"),
+        ]);
+        let unknown = unknown_variables(&env);
+        let shown = unknown.iter().map(ToString::to_string).collect::<Vec<_>>();
+        assert_eq!(
+            shown,
+            [
+                "IDMATCH_SECRETT (environment): not a setting, ignored; did you mean IDMATCH_SECRET?",
+                "IDMATCH_SOMETHING_ELSE (environment): not a setting, ignored",
+                "IDMATCH_UPSTREAM_URLL (environment): not a setting, ignored; did you mean \
+                 IDMATCH_UPSTREAM_URL?",
+                "idmatch_listen (environment): not a setting, ignored; did you mean IDMATCH_LISTEN?",
+            ]
+        );
+        assert!(!format!("{unknown:?}").contains(SECRET));
+        // Ignored indeed: the configuration loads as if they were absent.
+        assert_eq!(
+            load(None, &env).unwrap().config.upstream.url(),
+            "https://api.cm.com/mobile-identity/v1"
+        );
+        assert_eq!(unknown_variables(&env_with(&[])), []);
+    }
+
+    #[test]
+    fn unknown_file_keys_suggest_the_closest_key() {
+        assert_eq!(
+            file_error("[upstream]\nconect_timeout = \"1s\""),
+            format!("{FILE} line 2: unknown key \"upstream.conect_timeout\" (did you mean upstream.connect_timeout?)")
+        );
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+        assert_eq!(edit_distance("", "abc"), 3);
+        assert_eq!(edit_distance("same", "same"), 0);
+        assert_eq!(
+            closest("lisen", ["listen", "log.format"].into_iter()),
+            Some("listen")
+        );
+        assert_eq!(closest("foo", ["listen", "log.format"].into_iter()), None);
+        assert_eq!(closest("upstream.foo", ["upstream.url"].into_iter()), None);
+    }
+
+    #[test]
+    fn an_empty_config_variable_is_a_config_error() {
+        let message = Config::load(None, &env_with(&[("IDMATCH_CONFIG", "")]))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            message,
+            "IDMATCH_CONFIG (environment): expected the path of a TOML config file, got \"\""
+        );
+        let file = temp_file(b"[credentials]\nkey_id = \"from-variable\"\n");
+        let env = env(&[
+            ("IDMATCH_CONFIG", path_of(&file)),
+            ("IDMATCH_SECRET", SECRET),
+        ]);
+        let loaded = Config::load(None, &env).unwrap();
+        assert_eq!(loaded.config.credentials.key_id, "from-variable");
+        // `--config` wins over the variable.
+        let flag = temp_file(b"[credentials]\nkey_id = \"from-flag\"\n");
+        let loaded = Config::load(Some(flag.path()), &env).unwrap();
+        assert_eq!(loaded.config.credentials.key_id, "from-flag");
+    }
+
+    #[test]
+    fn paths_in_the_file_are_relative_to_its_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = idmatch_mock::TestPki::localhost();
+        fs::create_dir(dir.path().join("conf")).unwrap();
+        fs::write(dir.path().join("conf/secret"), "relative-secret\n").unwrap();
+        fs::write(dir.path().join("kid"), "relative-kid\n").unwrap();
+        fs::write(dir.path().join("conf/ca.pem"), pki.ca_pem()).unwrap();
+        let file = dir.path().join("conf/idmatch-proxy.toml");
+        fs::write(
+            &file,
+            "[upstream]\nca_file = \"ca.pem\"\n\
+             [credentials]\nsecret_file = \"secret\"\nkey_id_file = \"../kid\"\n",
+        )
+        .unwrap();
+        let loaded = Config::load(Some(&file), &HashMap::new()).unwrap();
+        let config = &loaded.config;
+        let conf = dir.path().join("conf");
+        assert_eq!(config.credentials.secret.expose(), b"relative-secret");
+        assert_eq!(config.credentials.secret_file, Some(conf.join("secret")));
+        assert_eq!(config.credentials.key_id, "relative-kid");
+        assert_eq!(config.credentials.key_id_file, Some(conf.join("../kid")));
+        assert_eq!(config.upstream.ca_file, Some(conf.join("ca.pem")));
+        assert_eq!(config.upstream.extra_roots, [pki.ca_der()]);
+        // `check` shows where each file was read from.
+        let rendered = loaded.render();
+        let shown = conf.join("secret").display().to_string();
+        assert!(rendered.contains(&shown), "{rendered}");
+
+        // A relative config path gives paths relative to the working directory (the crate's,
+        // under cargo test), through the file's directory.
+        let dev = Config::from_parts(
+            Some((
+                Path::new("config/dev.toml"),
+                "[credentials]\nkey_id = \"k\"\nsecret_file = \"dev-secret\"",
+            )),
+            &HashMap::new(),
+        )
+        .unwrap();
+        assert_eq!(
+            dev.config.credentials.secret_file.as_deref(),
+            Some(Path::new("config/dev-secret"))
+        );
+
+        // The environment's paths are taken as they are, even beside a file.
+        let env = env(&[("IDMATCH_SECRET_FILE", "config/dev-secret")]);
+        let loaded = Config::load(Some(&file), &env).unwrap();
+        assert_eq!(
+            loaded.config.credentials.secret_file.as_deref(),
+            Some(Path::new("config/dev-secret"))
+        );
+        // An absolute path in the file is kept.
+        let absolute = conf.join("secret");
+        let text = format!(
+            "[credentials]\nkey_id = \"k\"\nsecret_file = {:?}",
+            absolute.to_str().unwrap()
+        );
+        assert_eq!(
+            load(Some(&text), &HashMap::new())
+                .unwrap()
+                .config
+                .credentials
+                .secret_file,
+            Some(absolute)
+        );
+    }
+
+    /// `cargo run -- --config config/dev.toml` against `cargo run -p idmatch-mock` with its
+    /// defaults, from the repository's root.
+    #[test]
+    fn the_development_config_matches_the_mock() {
+        let dev = Path::new("config/dev.toml");
+        let text = fs::read_to_string(dev).unwrap();
+        let mut layers = Layers::default();
+        layers.read_file(dev, &text).unwrap();
+        // Where the mock writes its CA (`--ca-out`, default target/mock-ca.pem), which need not
+        // exist yet: the path alone, then a stand-in CA to load the rest.
+        assert_eq!(
+            layers.path(Key::UpstreamCaFile).unwrap(),
+            Some(PathBuf::from("config/../target/mock-ca.pem"))
+        );
+        let ca = temp_file(idmatch_mock::TestPki::localhost().ca_pem().as_bytes());
+        let env = env(&[("IDMATCH_UPSTREAM_CA_FILE", path_of(&ca))]);
+        let config = Config::load(Some(dev), &env).unwrap().config;
+        assert_eq!(
+            config.upstream.url(),
+            "https://127.0.0.1:8443/mobile-identity/v1"
+        );
+        assert_eq!(config.credentials.key_id, "dev-key-id");
+        assert_eq!(
+            config.credentials.secret.expose(),
+            b"dev-secret-not-for-production"
+        );
+        assert_eq!(config.drain_delay, Duration::ZERO);
     }
 }

@@ -64,7 +64,13 @@ fn valid_env() -> Env {
 
 /// Runs the binary with `args` and exactly `env`, killing it if it outlives [`RUN_LIMIT`].
 fn run(args: &[&str], env: &Env) -> Output {
+    run_in(Path::new("."), args, env)
+}
+
+/// [`run`] in the working directory `dir`.
+fn run_in(dir: &Path, args: &[&str], env: &Env) -> Output {
     let child = Binary::command()
+        .current_dir(dir)
         .args(args)
         .envs(env)
         .stdin(Stdio::null())
@@ -249,6 +255,13 @@ fn every_bad_configuration_is_one_line_naming_the_key_and_its_source() {
         Case::new("unknown key, file from IDMATCH_CONFIG")
             .set("IDMATCH_CONFIG", &unknown_key)
             .names(&[&unknown_at, "unknown key \"upstream.urll\""]),
+        // Not clap's usage text: a configuration error like the others.
+        Case::new("empty IDMATCH_CONFIG")
+            .set("IDMATCH_CONFIG", "")
+            .names(&[
+                "IDMATCH_CONFIG (environment)",
+                "expected the path of a TOML config file, got \"\"",
+            ]),
         Case::new("nonexistent config file")
             .args(&["--config", &missing])
             .names(&["config file", &missing, "cannot read"]),
@@ -460,6 +473,187 @@ fn check_passes_the_example_configuration_with_every_key() {
     }
     assert_eq!(row(&rows, "credentials.secret_file").0, secret);
     assert_eq!(row(&rows, "credentials.key_id").0, KEY_ID);
+}
+
+/// Paths in a config file are relative to its directory, wherever the proxy runs from; paths
+/// from the environment are relative to the working directory.
+#[test]
+fn paths_in_a_config_file_are_relative_to_it_from_any_working_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("conf");
+    std::fs::create_dir(&conf).unwrap();
+    write(&conf, "secret", format!("{SECRET}\n").as_bytes());
+    write(&conf, "key-id", KEY_ID.as_bytes());
+    write(&conf, "ca.pem", TestPki::localhost().ca_pem().as_bytes());
+    let file = write(
+        &conf,
+        "proxy.toml",
+        b"[upstream]\nca_file = \"ca.pem\"\n\
+          [credentials]\nsecret_file = \"secret\"\nkey_id_file = \"key-id\"\n",
+    );
+    let elsewhere = tempfile::tempdir().unwrap();
+    let shown = |path: &Path| path_str(path);
+
+    let output = run_in(
+        elsewhere.path(),
+        &["--config", &path_str(&file), "check"],
+        &Env::new(),
+    );
+    let stdout = text(&output.stdout);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
+    let rows = settings(stdout);
+    assert_eq!(
+        row(&rows, "credentials.secret_file").0,
+        shown(&conf.join("secret"))
+    );
+    assert_eq!(
+        row(&rows, "credentials.key_id_file").0,
+        shown(&conf.join("key-id"))
+    );
+    assert_eq!(
+        row(&rows, "upstream.ca_file").0,
+        shown(&conf.join("ca.pem"))
+    );
+    assert_eq!(row(&rows, "credentials.key_id").0, KEY_ID);
+
+    // A relative config path: the paths are shown through it, relative to the working directory.
+    let output = run_in(
+        dir.path(),
+        &["--config", "conf/proxy.toml", "check"],
+        &Env::new(),
+    );
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
+    let rows = settings(text(&output.stdout));
+    assert_eq!(row(&rows, "credentials.secret_file").0, "conf/secret");
+
+    // The environment's path is the working directory's, even beside the file.
+    write(elsewhere.path(), "secret", b"another-secret\n");
+    let env = Env::from([("IDMATCH_SECRET_FILE", "secret".to_owned())]);
+    let output = run_in(
+        elsewhere.path(),
+        &["--config", &path_str(&file), "check"],
+        &env,
+    );
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
+    let rows = settings(text(&output.stdout));
+    assert_eq!(
+        row(&rows, "credentials.secret_file"),
+        ("secret", "env IDMATCH_SECRET_FILE")
+    );
+    assert_eq!(row(&rows, "credentials.secret").0, "<redacted, 14 bytes>");
+}
+
+/// A misspelt variable would otherwise change nothing and say nothing.
+#[test]
+fn unknown_variables_are_named_with_the_closest_known_one() {
+    let mut env = valid_env();
+    env.insert("IDMATCH_UPSTREAM_URLL", "https://example.com".into());
+    // Its value is the secret: only its name may be shown.
+    env.insert("IDMATCH_SECRETT", SECRET.into());
+    let warnings = "idmatch-proxy: warning: IDMATCH_SECRETT (environment): not a setting, \
+                    ignored; did you mean IDMATCH_SECRET?\n\
+                    idmatch-proxy: warning: IDMATCH_UPSTREAM_URLL (environment): not a setting, \
+                    ignored; did you mean IDMATCH_UPSTREAM_URL?\n";
+
+    // `check` (and `token`) say so on stderr, leaving stdout to the table (the token).
+    for command in ["check", "token"] {
+        let output = run(&[command], &env);
+        assert_eq!(output.status.code(), Some(0), "{command}");
+        assert_eq!(text(&output.stderr), warnings, "{command}");
+    }
+    // Ahead of a refusal, which the misspelling may have caused.
+    let mut refused = env.clone();
+    refused.remove("IDMATCH_KEY_ID");
+    refused.insert("IDMATCH_KEYID", KEY_ID.into());
+    let output = run(&["check"], &refused);
+    assert_eq!(output.status.code(), Some(EXIT_CONFIG));
+    let stderr = text(&output.stderr);
+    assert!(
+        stderr.starts_with(
+            "idmatch-proxy: warning: IDMATCH_KEYID (environment): not a setting, \
+                            ignored; did you mean IDMATCH_KEY_ID?\n"
+        ),
+        "{stderr}"
+    );
+    assert!(
+        stderr.ends_with(
+            "\nidmatch-proxy: credentials.key_id: required: set IDMATCH_KEY_ID \
+                              or IDMATCH_KEY_ID_FILE, or credentials.key_id in the config file\n"
+        ),
+        "{stderr}"
+    );
+
+    // Serving logs each once logging is set up, before "ready".
+    let env = env
+        .into_iter()
+        .map(|(name, value)| (name.to_owned(), value))
+        .collect();
+    let proxy = Binary::serve(&env);
+    let logs = proxy.logs();
+    let warned = logs
+        .iter()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|event| event["message"] == "unknown IDMATCH_ environment variable; ignored")
+        .map(|event| {
+            assert_eq!(event["level"], "WARN");
+            (event["variable"].clone(), event["did_you_mean"].clone())
+        })
+        .collect::<Vec<_>>();
+    assert_eq!(
+        warned,
+        [
+            (json!("IDMATCH_SECRETT"), json!("IDMATCH_SECRET")),
+            (
+                json!("IDMATCH_UPSTREAM_URLL"),
+                json!("IDMATCH_UPSTREAM_URL")
+            ),
+        ],
+        "{logs:#?}"
+    );
+    assert!(logs.iter().all(|line| !line.contains(SECRET)), "{logs:#?}");
+}
+
+/// The sample errors in the README's "Configuration" section are what the binary prints.
+#[test]
+fn the_readme_sample_errors_are_the_binarys() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let sample = |start: &str| {
+        let found = readme
+            .lines()
+            .filter(|line| line.starts_with(start))
+            .collect::<Vec<_>>();
+        assert_eq!(
+            found.len(),
+            1,
+            "one README line starts with {start:?}: {found:?}"
+        );
+        format!("{}\n", found[0])
+    };
+
+    let mut env = valid_env();
+    env.insert("IDMATCH_TOKEN_LIFETIME", "abc".into());
+    let output = run(&["check"], &env);
+    assert_eq!(output.status.code(), Some(EXIT_CONFIG));
+    assert_eq!(
+        text(&output.stderr),
+        sample("idmatch-proxy: IDMATCH_TOKEN_LIFETIME (environment): ")
+    );
+
+    // The README's file is /etc/idmatch/idmatch-proxy.toml; this one is elsewhere.
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        dir.path(),
+        "idmatch-proxy.toml",
+        b"listen = \"127.0.0.1:8080\"\n\n[upstream]\nurll = \"https://api.cm.com/mobile-identity/v1\"\n",
+    );
+    let output = run(&["--config", &path_str(&file), "check"], &valid_env());
+    assert_eq!(output.status.code(), Some(EXIT_CONFIG));
+    let stderr = text(&output.stderr).replace(&path_str(dir.path()), "/etc/idmatch");
+    assert_eq!(
+        stderr,
+        sample("idmatch-proxy: /etc/idmatch/idmatch-proxy.toml line ")
+    );
 }
 
 // === 3. token ===
