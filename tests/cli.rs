@@ -806,7 +806,7 @@ async fn serve_then_stop_with(signal: &str) {
     assert_eq!(answer.status, StatusCode::OK, "{:?}", answer.body);
     assert_eq!(
         answer.json(),
-        json!({"latestSimChange": "2019-06-01T08:00:00Z", "phoneNumber": "+31610000001", "serviceType": "timestamp"})
+        json!({"state": "success", "timestamp": "2017-12-31T14:59:59Z"})
     );
     let requests = upstream.requests();
     let authorization = std::str::from_utf8(requests[0].header("authorization").unwrap()).unwrap();

@@ -71,7 +71,7 @@ async fn every_endpoint_works_through_the_proxy_over_http1_and_h2c() {
             &client,
             post_json(
                 &url("/identity-match"),
-                json!({"phoneNumber": "+31610000001", "serviceType": "match", "lastName": "Verhoeven", "postcode": "1234 AB", "dateOfBirth": "1963-12-31"}),
+                json!({"phoneNumber": "+31610000001", "serviceType": "match", "lastName": "Verhoeven", "postalCode": "1234 AB", "dateOfBirth": "1963-12-31"}),
             ),
         )
         .await;
@@ -81,7 +81,7 @@ async fn every_endpoint_works_through_the_proxy_over_http1_and_h2c() {
             &client,
             post_json(
                 &url("/number-verify"),
-                json!({"phoneNumber": "+31610000001"}),
+                json!({"phoneNumber": "+31610000001", "callbackUrl": "https://app.example/callback"}),
             ),
         )
         .await;

@@ -39,7 +39,9 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{header::CONTENT_TYPE, HeaderValue, Method, Request, Response, StatusCode, Version};
+use http::{
+    header::CONTENT_TYPE, uri::Scheme, HeaderValue, Method, Request, Response, StatusCode, Version,
+};
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::{body::Incoming, service::service_fn};
 use hyper_util::{
@@ -76,7 +78,13 @@ pub fn full(bytes: impl Into<Bytes>) -> Body {
 
 /// A JSON response with `Content-Type: application/json`.
 pub fn json(status: StatusCode, value: serde_json::Value) -> Response<Body> {
-    let mut response = Response::new(full(value.to_string()));
+    json_text(status, value.to_string())
+}
+
+/// A response with `Content-Type: application/json` and `text`, which must be JSON: for bodies
+/// whose key order matters, which a [`serde_json::Value`] would sort.
+pub fn json_text(status: StatusCode, text: String) -> Response<Body> {
+    let mut response = Response::new(full(text));
     *response.status_mut() = status;
     response
         .headers_mut()
@@ -84,7 +92,8 @@ pub fn json(status: StatusCode, value: serde_json::Value) -> Response<Body> {
     response
 }
 
-/// Answers requests. Implemented for every `Fn(Request<Incoming>) -> impl Future` that is
+/// Answers requests. Each request carries the listener's [`Scheme`] as an extension.
+/// Implemented for every `Fn(Request<Incoming>) -> impl Future` that is
 /// `Send + Sync + 'static`, so closures and `async fn`s work directly; the request body is the
 /// connection's own stream, so a handler can consume uploads of any size incrementally.
 pub trait Handler: Send + Sync + 'static {
@@ -398,8 +407,16 @@ async fn serve_connection(
     }
     let service = {
         let stats = stats.clone();
-        service_fn(move |request: Request<Incoming>| {
+        let scheme = if tls.is_some() {
+            Scheme::HTTPS
+        } else {
+            Scheme::HTTP
+        };
+        service_fn(move |mut request: Request<Incoming>| {
             stats.requests().push(Recorded::of(&request));
+            // An HTTP/1.1 request line carries no scheme; handlers that build URLs back to this
+            // server need it.
+            request.extensions_mut().insert(scheme.clone());
             let response = handler.call(request);
             async move { Ok::<_, Infallible>(response.await) }
         })

@@ -150,13 +150,16 @@ fn connection_mix(addr: SocketAddr, worker: usize, requests: usize) -> io::Resul
             0 => (
                 post(
                     "/identity-match",
-                    r#"{"phoneNumber":"+31610000001","serviceType":"match","firstName":"Jan","lastName":"Jansen"}"#,
+                    r#"{"phoneNumber":"+31610000001","serviceType":"match","firstName":"John","lastName":"Verhoeven","postalCode":"1234 AB"}"#,
                 ),
                 200,
             ),
             1 => (
-                post("/number-verify", r#"{"phoneNumber":"+31610000001"}"#),
-                201,
+                post(
+                    "/number-verify",
+                    r#"{"phoneNumber":"+31610000001","callbackUrl":"https://app.example/callback"}"#,
+                ),
+                200,
             ),
             n => (
                 post(

@@ -1,161 +1,247 @@
-//! The fixed sandbox subscribers and the rules that turn them into answers.
+//! CM.com's published sandbox identities (fact sheet §3.1) and the rules that turn them into
+//! answers. Their SIM swap histories are ours: CM's SIM swap sandbox data is unknown (§3.2).
 
-use time::{
-    macros::{date, datetime},
-    Date, Duration, OffsetDateTime,
-};
+use time::{macros::datetime, Duration, OffsetDateTime};
 
-/// One subscriber the sandbox knows.
+/// One subscriber of CM.com's sandbox table, exactly as published.
 #[derive(Debug)]
-pub(crate) struct Subscriber {
+pub(crate) struct Identity {
     pub(crate) phone_number: &'static str,
-    pub(crate) first_name: &'static str,
-    pub(crate) last_name: &'static str,
-    pub(crate) postcode: &'static str,
-    pub(crate) date_of_birth: Date,
-    last_sim_change: SimChange,
+    first_name: &'static str,
+    last_name: &'static str,
+    address: &'static str,
+    postal_code: &'static str,
+    /// A string, not a date: one published value (`2001-09-0`) is not a date.
+    date_of_birth: &'static str,
+    last_sim_swap: SimSwap,
 }
 
 /// When a subscriber's SIM last changed: fixed, or relative to the request so that the
 /// recent-swap answers stay true whenever the mock runs.
 #[derive(Debug)]
-enum SimChange {
+enum SimSwap {
     At(OffsetDateTime),
     Ago(Duration),
 }
 
-pub(crate) const SUBSCRIBERS: &[Subscriber] = &[
-    Subscriber {
-        phone_number: "+31610000001",
-        first_name: "Joris",
-        last_name: "Verhoeven",
-        postcode: "1234 AB",
-        date_of_birth: date!(1963 - 12 - 31),
-        last_sim_change: SimChange::At(datetime!(2019-06-01 08:00:00 UTC)),
-    },
-    Subscriber {
-        phone_number: "+31610000002",
-        first_name: "Sanne",
-        last_name: "de Vries",
-        postcode: "3511 LN",
-        date_of_birth: date!(1988 - 04 - 17),
-        last_sim_change: SimChange::Ago(Duration::hours(2)),
-    },
-    Subscriber {
-        phone_number: "+31610000003",
-        first_name: "Pieter",
-        last_name: "Bakker",
-        postcode: "9711 AB",
-        date_of_birth: date!(1975 - 09 - 02),
-        last_sim_change: SimChange::Ago(Duration::days(3)),
-    },
-    Subscriber {
-        phone_number: "+31610000004",
-        first_name: "Emma",
-        last_name: "Jansen",
-        postcode: "5611 AZ",
-        date_of_birth: date!(2001 - 02 - 28),
-        last_sim_change: SimChange::Ago(Duration::days(20)),
-    },
-    Subscriber {
-        phone_number: "+31610000005",
-        first_name: "Lucas",
-        last_name: "Smit",
-        postcode: "6511 KL",
-        date_of_birth: date!(1995 - 11 - 05),
-        last_sim_change: SimChange::Ago(Duration::days(60)),
-    },
-];
+/// CM.com's SIM swap example timestamp (fact sheet §2.1).
+const LONG_AGO: SimSwap = SimSwap::At(datetime!(2017-12-31 14:59:59 UTC));
+const HOURS_AGO: SimSwap = SimSwap::Ago(Duration::hours(2));
+const DAYS_AGO: SimSwap = SimSwap::Ago(Duration::days(3));
+/// Inside CM.com's `range` example, 7 to 14 days.
+const DAYS_AGO_10: SimSwap = SimSwap::Ago(Duration::days(10));
 
-pub(crate) fn subscriber(phone_number: &str) -> Option<&'static Subscriber> {
-    SUBSCRIBERS
-        .iter()
-        .find(|subscriber| subscriber.phone_number == phone_number)
+const fn identity(
+    [phone_number, first_name, last_name, address, postal_code, date_of_birth]: [&'static str; 6],
+    last_sim_swap: SimSwap,
+) -> Identity {
+    Identity {
+        phone_number,
+        first_name,
+        last_name,
+        address,
+        postal_code,
+        date_of_birth,
+        last_sim_swap,
+    }
 }
 
-impl Subscriber {
-    /// The last SIM change, to the second.
-    pub(crate) fn last_sim_change(&self, now: OffsetDateTime) -> OffsetDateTime {
-        let at = match self.last_sim_change {
-            SimChange::At(at) => at,
-            SimChange::Ago(ago) => now - ago,
+/// The table of fact sheet §3.1, row for row; the SIM swaps cycle through the four `range`
+/// answers.
+pub(crate) const IDENTITIES: [Identity; 12] = [
+    identity(
+        [
+            "+31610000001",
+            "Joris",
+            "Verhoeven",
+            "123",
+            "1234 AB",
+            "1963-12-31",
+        ],
+        LONG_AGO,
+    ),
+    identity(
+        [
+            "+31610000002",
+            "Anna",
+            "Jansen",
+            "456",
+            "5678 CD",
+            "2019-03-01",
+        ],
+        HOURS_AGO,
+    ),
+    identity(
+        [
+            "+31610000003",
+            "Lars",
+            "De Vries",
+            "789",
+            "9012 EF",
+            "1995-07-15",
+        ],
+        DAYS_AGO,
+    ),
+    identity(
+        [
+            "+4915100000001",
+            "Hans",
+            "Mueller",
+            "123",
+            "12345",
+            "2018-12-31",
+        ],
+        DAYS_AGO_10,
+    ),
+    identity(
+        [
+            "+4915100000002",
+            "Greta",
+            "Schmidt",
+            "456",
+            "67890",
+            "1968-03-22",
+        ],
+        LONG_AGO,
+    ),
+    identity(
+        [
+            "+4915100000003",
+            "Felix",
+            "Wagner",
+            "789",
+            "54321",
+            "1987-11-09",
+        ],
+        HOURS_AGO,
+    ),
+    identity(
+        [
+            "+447710000001",
+            "James",
+            "Smith",
+            "123",
+            "AB12 3CD",
+            "1980-09-28",
+        ],
+        DAYS_AGO,
+    ),
+    identity(
+        [
+            "+447710000002",
+            "Emma",
+            "Brown",
+            "456",
+            "EF45 6GH",
+            "2016-12-31",
+        ],
+        DAYS_AGO_10,
+    ),
+    identity(
+        [
+            "+447710000003",
+            "Oliver",
+            "Taylor",
+            "789",
+            "IJ78 9KL",
+            "1992-05-17",
+        ],
+        LONG_AGO,
+    ),
+    identity(
+        [
+            "+33610000001",
+            "Pierre",
+            "Dubois",
+            "123",
+            "12345",
+            "1988-04-12",
+        ],
+        HOURS_AGO,
+    ),
+    identity(
+        [
+            "+33610000002",
+            "Sophie",
+            "Martin",
+            "456",
+            "67890",
+            "2020-12-31",
+        ],
+        DAYS_AGO,
+    ),
+    identity(
+        [
+            "+33610000003",
+            "Antoine",
+            "Leroy",
+            "789",
+            "54321",
+            "2001-09-0",
+        ],
+        DAYS_AGO_10,
+    ),
+];
+
+pub(crate) fn identity_of(phone_number: &str) -> Option<&'static Identity> {
+    IDENTITIES
+        .iter()
+        .find(|identity| identity.phone_number == phone_number)
+}
+
+/// The identity fields a client claims; `None` for a field not sent.
+#[derive(Debug, Default)]
+pub(crate) struct Claims<'a> {
+    pub(crate) first_name: Option<&'a str>,
+    pub(crate) last_name: Option<&'a str>,
+    pub(crate) address: Option<&'a str>,
+    pub(crate) postal_code: Option<&'a str>,
+    pub(crate) date_of_birth: Option<&'a str>,
+}
+
+/// The six verdicts in CM.com's order: `firstName`, `lastName`, `name`, `address`,
+/// `postalCode`, `dateOfBirth`. A field matches when it was sent and equals the registered value
+/// exactly (our assumption); an unlisted number matches nothing. `name` is first and last name
+/// together, as CM.com's sandbox example shows (false when only the first name differs).
+pub(crate) fn verdicts(identity: Option<&Identity>, claims: &Claims<'_>) -> [bool; 6] {
+    let Some(identity) = identity else {
+        return [false; 6];
+    };
+    let same = |claimed: Option<&str>, registered: &str| claimed == Some(registered);
+    let first_name = same(claims.first_name, identity.first_name);
+    let last_name = same(claims.last_name, identity.last_name);
+    [
+        first_name,
+        last_name,
+        first_name && last_name,
+        same(claims.address, identity.address),
+        same(claims.postal_code, identity.postal_code),
+        same(claims.date_of_birth, identity.date_of_birth),
+    ]
+}
+
+impl Identity {
+    /// The last SIM swap, to the second.
+    pub(crate) fn last_sim_swap(&self, now: OffsetDateTime) -> OffsetDateTime {
+        let at = match self.last_sim_swap {
+            SimSwap::At(at) => at,
+            SimSwap::Ago(ago) => now - ago,
         };
         at.replace_nanosecond(0).unwrap_or(at)
     }
 }
 
-/// The `range` bucket of a SIM change `age` old.
-pub(crate) fn sim_change_range(age: Duration) -> &'static str {
-    if age < Duration::DAY {
-        "<24h"
-    } else if age < Duration::days(7) {
-        "1-7d"
-    } else if age < Duration::days(30) {
-        "7-30d"
-    } else if age < Duration::days(90) {
-        "30-90d"
-    } else {
-        ">90d"
+/// The `range` answer `(gt, lt)` in seconds for a swap `age` old: the bracket holding it, with
+/// CM.com's 7-14 days example and `lt = -1` for "older than `gt`" (fact sheet §2.1). The
+/// brackets themselves are ours.
+pub(crate) fn range(age: Duration) -> (i64, i64) {
+    const DAY: i64 = 86_400;
+    match age.whole_seconds() {
+        age if age < DAY => (DAY, 0),
+        age if age < 7 * DAY => (7 * DAY, DAY),
+        age if age < 14 * DAY => (14 * DAY, 7 * DAY),
+        _ => (14 * DAY, -1),
     }
-}
-
-/// How alike a claimed name is to the registered one, 0-100: case, surrounding and repeated
-/// whitespace are ignored, then 100 × (1 − edit distance / longer length), rounded.
-pub(crate) fn name_score(claimed: &str, registered: &str) -> u8 {
-    similarity(&normalize_name(claimed), &normalize_name(registered))
-}
-
-/// As [`name_score`], but whitespace is ignored entirely: `1234ab` is `1234 AB`.
-pub(crate) fn postcode_score(claimed: &str, registered: &str) -> u8 {
-    let normalize = |postcode: &str| -> Vec<char> {
-        postcode
-            .chars()
-            .filter(|c| !c.is_whitespace())
-            .flat_map(char::to_uppercase)
-            .collect()
-    };
-    similarity(&normalize(claimed), &normalize(registered))
-}
-
-/// Dates of birth match or do not: 100 or 0.
-pub(crate) fn date_score(claimed: Date, registered: Date) -> u8 {
-    if claimed == registered {
-        100
-    } else {
-        0
-    }
-}
-
-fn normalize_name(name: &str) -> Vec<char> {
-    name.split_whitespace()
-        .flat_map(|word| std::iter::once(' ').chain(word.chars().flat_map(char::to_lowercase)))
-        .skip(1)
-        .collect()
-}
-
-fn similarity(a: &[char], b: &[char]) -> u8 {
-    let longer = a.len().max(b.len());
-    if longer == 0 {
-        return 100;
-    }
-    let same = longer - edit_distance(a, b);
-    // Rounded integer division; the result is at most 100.
-    ((same * 100 + longer / 2) / longer) as u8
-}
-
-/// Levenshtein distance, one row at a time.
-fn edit_distance(a: &[char], b: &[char]) -> usize {
-    let mut row: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.iter().enumerate() {
-        let mut diagonal = row[0];
-        row[0] = i + 1;
-        for (j, cb) in b.iter().enumerate() {
-            let substitution = diagonal + usize::from(ca != cb);
-            diagonal = row[j + 1];
-            row[j + 1] = substitution.min(row[j] + 1).min(diagonal + 1);
-        }
-    }
-    row[b.len()]
 }
 
 #[cfg(test)]
@@ -163,44 +249,53 @@ mod tests {
     use super::*;
 
     #[test]
-    fn names_ignore_case_and_spacing() {
-        assert_eq!(name_score("  joris ", "Joris"), 100);
-        assert_eq!(name_score("de  vries", "de Vries"), 100);
-        assert_eq!(name_score("Verhoven", "Verhoeven"), 89);
-        assert_eq!(name_score("", "Joris"), 0);
-        assert_eq!(name_score("Janssen", "Jansen"), 86);
-        assert_eq!(name_score("Smith", "Jansen"), 0);
+    fn cm_sandbox_example_verdicts() {
+        let claims = Claims {
+            first_name: Some("John"),
+            last_name: Some("Verhoeven"),
+            address: Some("123"),
+            postal_code: Some("1234 AB"),
+            date_of_birth: Some("1963-12-31"),
+        };
+        assert_eq!(
+            verdicts(identity_of("+31610000001"), &claims),
+            [false, true, false, true, true, true]
+        );
     }
 
     #[test]
-    fn postcodes_ignore_whitespace_and_case() {
-        assert_eq!(postcode_score("1234ab", "1234 AB"), 100);
-        assert_eq!(postcode_score("1234 AC", "1234 AB"), 83);
+    fn comparison_is_exact_and_absent_fields_do_not_match() {
+        let antoine = identity_of("+33610000003");
+        let claims = |first_name, postal_code| Claims {
+            first_name: Some(first_name),
+            postal_code: Some(postal_code),
+            date_of_birth: Some("2001-09-0"),
+            ..Claims::default()
+        };
+        assert_eq!(
+            verdicts(antoine, &claims("Antoine", "54321")),
+            [true, false, false, false, true, true]
+        );
+        assert_eq!(
+            verdicts(antoine, &claims("antoine", " 54321")),
+            [false, false, false, false, false, true]
+        );
+        assert_eq!(verdicts(None, &claims("Antoine", "54321")), [false; 6]);
     }
 
     #[test]
-    fn edit_distance_is_levenshtein() {
-        let chars = |s: &str| s.chars().collect::<Vec<_>>();
-        assert_eq!(edit_distance(&chars("kitten"), &chars("sitting")), 3);
-        assert_eq!(edit_distance(&chars(""), &chars("abc")), 3);
-        assert_eq!(edit_distance(&chars("abc"), &chars("abc")), 0);
+    fn ranges_bracket_the_age() {
+        assert_eq!(range(Duration::hours(2)), (86_400, 0));
+        assert_eq!(range(Duration::DAY), (604_800, 86_400));
+        assert_eq!(range(Duration::days(10)), (1_209_600, 604_800));
+        assert_eq!(range(Duration::days(14)), (1_209_600, -1));
     }
 
     #[test]
-    fn ranges_cover_every_sandbox_bucket() {
+    fn relative_swaps_are_whole_seconds() {
         let now = OffsetDateTime::now_utc();
-        let ranges: Vec<_> = SUBSCRIBERS
-            .iter()
-            .map(|subscriber| sim_change_range(now - subscriber.last_sim_change(now)))
-            .collect();
-        assert_eq!(ranges, [">90d", "<24h", "1-7d", "7-30d", "30-90d"]);
-    }
-
-    #[test]
-    fn relative_changes_are_whole_seconds() {
-        let now = OffsetDateTime::now_utc();
-        let change = subscriber("+31610000002").unwrap().last_sim_change(now);
-        assert_eq!(change.nanosecond(), 0);
-        assert!(now - change >= Duration::hours(2));
+        let swap = identity_of("+31610000002").unwrap().last_sim_swap(now);
+        assert_eq!(swap.nanosecond(), 0);
+        assert!(now - swap >= Duration::hours(2));
     }
 }

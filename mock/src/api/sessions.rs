@@ -1,4 +1,5 @@
-//! Number Verify sessions, kept in memory and bounded.
+//! Number Verify transactions and verifications, kept in memory and bounded, found by id (the
+//! API) or by the token in their `sessionUrl` (the device).
 
 use std::collections::{HashMap, VecDeque};
 
@@ -6,50 +7,49 @@ use std::collections::{HashMap, VecDeque};
 /// without bound.
 const CAPACITY: usize = 10_000;
 
-/// What a poll of a session reports.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum State {
-    Pending,
-    Completed { matched: bool },
-}
-
-#[derive(Debug, Default)]
-pub(crate) struct Sessions {
-    by_id: HashMap<String, Session>,
+#[derive(Debug)]
+pub(crate) struct Sessions<T> {
+    by_id: HashMap<String, (String, T)>,
+    id_by_token: HashMap<String, String>,
     /// Ids in creation order, for eviction.
     order: VecDeque<String>,
 }
 
-#[derive(Debug)]
-struct Session {
-    matched: bool,
-    polls: u32,
+impl<T> Default for Sessions<T> {
+    fn default() -> Self {
+        Self {
+            by_id: HashMap::new(),
+            id_by_token: HashMap::new(),
+            order: VecDeque::new(),
+        }
+    }
 }
 
-impl Sessions {
-    /// Starts a session that will complete with `matched`.
-    pub(crate) fn insert(&mut self, id: String, matched: bool) {
+impl<T> Sessions<T> {
+    pub(crate) fn insert(&mut self, id: String, token: String, session: T) {
         if self.order.len() == CAPACITY {
-            if let Some(oldest) = self.order.pop_front() {
-                self.by_id.remove(&oldest);
+            if let Some((token, _)) = self
+                .order
+                .pop_front()
+                .and_then(|oldest| self.by_id.remove(&oldest))
+            {
+                self.id_by_token.remove(&token);
             }
         }
         self.order.push_back(id.clone());
-        self.by_id.insert(id, Session { matched, polls: 0 });
+        self.id_by_token.insert(token.clone(), id.clone());
+        self.by_id.insert(id, (token, session));
     }
 
-    /// The state of session `id`: pending on the first poll, completed from the second on, so
-    /// a client sees both without any timing.
-    pub(crate) fn poll(&mut self, id: &str) -> Option<State> {
-        let session = self.by_id.get_mut(id)?;
-        session.polls = session.polls.saturating_add(1);
-        Some(if session.polls == 1 {
-            State::Pending
-        } else {
-            State::Completed {
-                matched: session.matched,
-            }
-        })
+    pub(crate) fn get_mut(&mut self, id: &str) -> Option<&mut T> {
+        self.by_id.get_mut(id).map(|(_, session)| session)
+    }
+
+    /// The session whose `sessionUrl` ends in `token`, with its id.
+    pub(crate) fn by_token(&mut self, token: &str) -> Option<(&str, &mut T)> {
+        let id = self.id_by_token.get(token)?;
+        let (_, session) = self.by_id.get_mut(id)?;
+        Some((id, session))
     }
 }
 
@@ -58,23 +58,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn completes_on_second_poll() {
+    fn finds_by_id_and_token() {
         let mut sessions = Sessions::default();
-        sessions.insert("a".into(), true);
-        assert_eq!(sessions.poll("a"), Some(State::Pending));
-        assert_eq!(sessions.poll("a"), Some(State::Completed { matched: true }));
-        assert_eq!(sessions.poll("a"), Some(State::Completed { matched: true }));
-        assert_eq!(sessions.poll("b"), None);
+        sessions.insert("id".into(), "token".into(), 1);
+        assert_eq!(sessions.get_mut("id"), Some(&mut 1));
+        assert_eq!(sessions.by_token("token"), Some(("id", &mut 1)));
+        assert_eq!(sessions.get_mut("token"), None);
+        assert_eq!(sessions.by_token("id"), None);
     }
 
     #[test]
     fn forgets_the_oldest_beyond_capacity() {
         let mut sessions = Sessions::default();
         for i in 0..=CAPACITY {
-            sessions.insert(i.to_string(), false);
+            sessions.insert(i.to_string(), format!("t{i}"), ());
         }
-        assert_eq!(sessions.poll("0"), None);
-        assert_eq!(sessions.poll("1"), Some(State::Pending));
+        assert_eq!(sessions.get_mut("0"), None);
+        assert_eq!(sessions.by_token("t0"), None);
+        assert!(sessions.get_mut("1").is_some());
         assert_eq!(sessions.by_id.len(), CAPACITY);
+        assert_eq!(sessions.id_by_token.len(), CAPACITY);
     }
 }

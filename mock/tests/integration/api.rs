@@ -1,186 +1,432 @@
-//! The Mobile Identity API mock: authentication, endpoints and error shapes.
+//! The Mobile Identity API mock: the documented shapes, CM.com's sandbox data, authentication
+//! and error shapes.
 
 use bytes::Bytes;
 use http::{Method, StatusCode};
 use jsonwebtoken::Algorithm;
 use serde_json::{json, Value};
+use time::{format_description::well_known::Rfc3339, OffsetDateTime};
 
-use crate::support::{jwt_header, now, sign, valid_token, Api, KEY_ID, SECRET};
+use crate::support::{jwt_header, now, sign, valid_token, Api, Reply, KEY_ID, SECRET};
 
 const V1: &str = "/mobile-identity/v1";
 const SANDBOX: &str = "/mobile-identity-sandbox/v1";
 
-#[tokio::test]
-async fn sim_swap_answers_each_service_type() {
-    let api = Api::start().await;
+/// CM.com's sandbox table (fact sheet §3.1), copied here so that the mock's own copy is checked.
+const IDENTITIES: [[&str; 6]; 12] = [
+    [
+        "+31610000001",
+        "Joris",
+        "Verhoeven",
+        "123",
+        "1234 AB",
+        "1963-12-31",
+    ],
+    [
+        "+31610000002",
+        "Anna",
+        "Jansen",
+        "456",
+        "5678 CD",
+        "2019-03-01",
+    ],
+    [
+        "+31610000003",
+        "Lars",
+        "De Vries",
+        "789",
+        "9012 EF",
+        "1995-07-15",
+    ],
+    [
+        "+4915100000001",
+        "Hans",
+        "Mueller",
+        "123",
+        "12345",
+        "2018-12-31",
+    ],
+    [
+        "+4915100000002",
+        "Greta",
+        "Schmidt",
+        "456",
+        "67890",
+        "1968-03-22",
+    ],
+    [
+        "+4915100000003",
+        "Felix",
+        "Wagner",
+        "789",
+        "54321",
+        "1987-11-09",
+    ],
+    [
+        "+447710000001",
+        "James",
+        "Smith",
+        "123",
+        "AB12 3CD",
+        "1980-09-28",
+    ],
+    [
+        "+447710000002",
+        "Emma",
+        "Brown",
+        "456",
+        "EF45 6GH",
+        "2016-12-31",
+    ],
+    [
+        "+447710000003",
+        "Oliver",
+        "Taylor",
+        "789",
+        "IJ78 9KL",
+        "1992-05-17",
+    ],
+    [
+        "+33610000001",
+        "Pierre",
+        "Dubois",
+        "123",
+        "12345",
+        "1988-04-12",
+    ],
+    [
+        "+33610000002",
+        "Sophie",
+        "Martin",
+        "456",
+        "67890",
+        "2020-12-31",
+    ],
+    [
+        "+33610000003",
+        "Antoine",
+        "Leroy",
+        "789",
+        "54321",
+        "2001-09-0",
+    ],
+];
 
+fn identity_request(
+    service_type: &str,
+    [phone, first, last, address, postal, born]: [&str; 6],
+) -> Value {
+    json!({
+        "phoneNumber": phone,
+        "serviceType": service_type,
+        "firstName": first,
+        "lastName": last,
+        "address": address,
+        "postalCode": postal,
+        "dateOfBirth": born,
+    })
+}
+
+#[tokio::test]
+async fn identity_match_answers_cm_sandbox_example_exactly() {
+    let api = Api::start().await;
     let reply = api
         .post(
-            &format!("{V1}/sim-swap"),
-            json!({"phoneNumber": "+31610000001", "serviceType": "timestamp"}),
+            &format!("{SANDBOX}/identity-match"),
+            json!({"phoneNumber": "+31610000001", "serviceType": "match", "firstName": "John", "lastName": "Verhoeven", "address": "123", "postalCode": "1234 AB", "dateOfBirth": "1963-12-31"}),
         )
         .await;
     assert_eq!(reply.status, StatusCode::OK);
     assert_eq!(reply.header("content-type"), "application/json");
     assert_eq!(
-        reply.body,
-        json!({
-            "phoneNumber": "+31610000001",
-            "serviceType": "timestamp",
-            "latestSimChange": "2019-06-01T08:00:00Z",
-        })
+        reply.text,
+        r#"{"state":"success","firstNameMatch":false,"lastNameMatch":true,"nameMatch":false,"addressMatch":true,"postalCodeMatch":true,"dateOfBirthMatch":true}"#
+    );
+}
+
+#[tokio::test]
+async fn identity_match_knows_all_twelve_sandbox_identities() {
+    let api = Api::start().await;
+    for (row, identity) in IDENTITIES.iter().enumerate() {
+        let matched = api
+            .post(
+                &format!("{V1}/identity-match"),
+                identity_request("match", *identity),
+            )
+            .await;
+        assert_eq!(
+            matched.text,
+            r#"{"state":"success","firstNameMatch":true,"lastNameMatch":true,"nameMatch":true,"addressMatch":true,"postalCodeMatch":true,"dateOfBirthMatch":true}"#,
+            "{}",
+            identity[0]
+        );
+        let scored = api
+            .post(
+                &format!("{SANDBOX}/identity-match"),
+                identity_request("score", *identity),
+            )
+            .await;
+        assert_eq!(
+            scored.text,
+            r#"{"state":"success","firstNameScore":100,"lastNameScore":100,"nameScore":100,"addressScore":100,"postalCodeScore":100,"dateOfBirthScore":100}"#,
+            "{}",
+            identity[0]
+        );
+
+        // The next row's data differs from this row's in every field.
+        let mut other = IDENTITIES[(row + 1) % IDENTITIES.len()];
+        other[0] = identity[0];
+        let mismatched = api
+            .post(
+                &format!("{V1}/identity-match"),
+                identity_request("score", other),
+            )
+            .await;
+        assert_eq!(
+            mismatched.text,
+            r#"{"state":"success","firstNameScore":0,"lastNameScore":0,"nameScore":0,"addressScore":0,"postalCodeScore":0,"dateOfBirthScore":0}"#,
+            "{}",
+            identity[0]
+        );
+    }
+}
+
+#[tokio::test]
+async fn identity_match_compares_exactly_and_only_what_was_sent() {
+    let api = Api::start().await;
+    let verdicts = |reply: &Reply| -> Vec<bool> {
+        [
+            "firstName",
+            "lastName",
+            "name",
+            "address",
+            "postalCode",
+            "dateOfBirth",
+        ]
+        .iter()
+        .map(|field| reply.body[format!("{field}Match")].as_bool().unwrap())
+        .collect()
+    };
+    let cases = [
+        // Case and spacing count.
+        (
+            json!({"phoneNumber": "+31610000003", "firstName": "lars", "lastName": "De Vries", "postalCode": "9012EF"}),
+            [false, true, false, false, false, false],
+        ),
+        // Not sent: false; address2 and address3 do not change addressMatch.
+        (
+            json!({"phoneNumber": "+447710000001", "address": "123", "address2": "Flat 4", "address3": null}),
+            [false, false, false, true, false, false],
+        ),
+        // CM.com's published dateOfBirth, as published.
+        (
+            json!({"phoneNumber": "+33610000003", "firstName": "Antoine", "lastName": "Leroy", "dateOfBirth": "2001-09-0"}),
+            [true, true, true, false, false, true],
+        ),
+        // A valid number outside the table matches nothing.
+        (
+            json!({"phoneNumber": "+31699999999", "firstName": "Joris", "lastName": "Verhoeven"}),
+            [false; 6],
+        ),
+        (json!({"phoneNumber": "+31610000001"}), [false; 6]),
+    ];
+    for (mut request, expected) in cases {
+        request["serviceType"] = "match".into();
+        let reply = api
+            .post(&format!("{V1}/identity-match"), request.clone())
+            .await;
+        assert_eq!(reply.status, StatusCode::OK, "{request}: {:?}", reply.body);
+        assert_eq!(verdicts(&reply), expected, "{request}");
+    }
+}
+
+#[tokio::test]
+async fn sim_swap_answers_each_service_type_state_first() {
+    let api = Api::start().await;
+
+    // CM.com's own example answer.
+    let reply = swap(&api, "+31610000001", "timestamp").await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.header("content-type"), "application/json");
+    assert_eq!(
+        reply.text,
+        r#"{"state":"success","timestamp":"2017-12-31T14:59:59Z"}"#
     );
 
-    for (phone_number, swapped) in [("+31610000002", true), ("+31610000003", false)] {
+    // Two hours before the request, to the second.
+    let reply = swap(&api, "+31610000002", "timestamp").await;
+    let text = reply.body["timestamp"].as_str().unwrap();
+    assert!(text.ends_with('Z') && !text.contains('.'), "{text}");
+    let age = OffsetDateTime::now_utc() - OffsetDateTime::parse(text, &Rfc3339).unwrap();
+    assert!(
+        (time::Duration::hours(2)..time::Duration::hours(2) + time::Duration::minutes(1))
+            .contains(&age),
+        "{age}"
+    );
+
+    for (phone_number, within_24h) in [
+        ("+31610000002", true),
+        ("+31610000003", false),
+        ("+31610000001", false),
+    ] {
+        let reply = swap(&api, phone_number, "24h").await;
+        assert_eq!(
+            reply.text,
+            format!(r#"{{"state":"success","24h":{within_24h}}}"#),
+            "{phone_number}"
+        );
+    }
+
+    for (phone_number, gt, lt) in [
+        ("+31610000002", 86_400, 0),
+        ("+31610000003", 604_800, 86_400),
+        ("+4915100000001", 1_209_600, 604_800),
+        ("+31610000001", 1_209_600, -1),
+    ] {
+        let reply = swap(&api, phone_number, "range").await;
+        assert_eq!(
+            reply.text,
+            format!(r#"{{"state":"success","range":{{"gt":{gt},"lt":{lt}}}}}"#),
+            "{phone_number}"
+        );
+    }
+
+    // Every sandbox number has a history; under the sandbox base path too.
+    for [phone_number, ..] in IDENTITIES {
         let reply = api
             .post(
                 &format!("{SANDBOX}/sim-swap"),
-                json!({"phoneNumber": phone_number, "serviceType": "24h"}),
-            )
-            .await;
-        assert_eq!(reply.status, StatusCode::OK);
-        assert_eq!(
-            reply.body,
-            json!({"phoneNumber": phone_number, "serviceType": "24h", "swapped": swapped})
-        );
-    }
-
-    for (phone_number, range) in [
-        ("+31610000001", ">90d"),
-        ("+31610000002", "<24h"),
-        ("+31610000003", "1-7d"),
-        ("+31610000004", "7-30d"),
-        ("+31610000005", "30-90d"),
-    ] {
-        let reply = api
-            .post(
-                &format!("{V1}/sim-swap"),
                 json!({"phoneNumber": phone_number, "serviceType": "range"}),
             )
             .await;
-        assert_eq!(
-            reply.body,
-            json!({"phoneNumber": phone_number, "serviceType": "range", "range": range})
-        );
+        assert_eq!(reply.status, StatusCode::OK, "{phone_number}");
+        assert_eq!(reply.body["state"], "success");
     }
 
-    let recent = api
-        .post(
-            &format!("{V1}/sim-swap"),
-            json!({"phoneNumber": "+31610000002", "serviceType": "timestamp"}),
-        )
-        .await;
-    let timestamp = recent.body["latestSimChange"].as_str().unwrap();
-    assert!(
-        timestamp.len() == "2019-06-01T08:00:00Z".len() && timestamp.ends_with('Z'),
-        "{timestamp}"
+    let reply = swap(&api, "+31699999999", "24h").await;
+    assert_eq!(
+        reply.error(StatusCode::NOT_FOUND, "not_found"),
+        "no SIM swap data for this phone number"
     );
 }
 
 #[tokio::test]
-async fn identity_match_matches_and_scores_given_fields() {
-    let api = Api::start().await;
-    let claims = json!({
-        "phoneNumber": "+31610000001",
-        "firstName": "joris",
-        "lastName": "Verhoven",
-        "postcode": "1234ab",
-        "dateOfBirth": "1963-12-31",
-    });
-
-    let mut request = claims.clone();
-    request["serviceType"] = "match".into();
-    let reply = api.post(&format!("{V1}/identity-match"), request).await;
-    assert_eq!(reply.status, StatusCode::OK);
-    assert_eq!(
-        reply.body,
-        json!({
-            "phoneNumber": "+31610000001",
-            "serviceType": "match",
-            "result": {"firstName": true, "lastName": false, "postcode": true, "dateOfBirth": true},
-        })
-    );
-
-    let mut request = claims;
-    request["serviceType"] = "score".into();
-    let reply = api
-        .post(&format!("{SANDBOX}/identity-match"), request)
-        .await;
-    assert_eq!(
-        reply.body,
-        json!({
-            "phoneNumber": "+31610000001",
-            "serviceType": "score",
-            "result": {"firstName": 100, "lastName": 89, "postcode": 100, "dateOfBirth": 100},
-        })
-    );
-
-    let reply = api
-        .post(
-            &format!("{V1}/identity-match"),
-            json!({"phoneNumber": "+31610000002", "serviceType": "score", "dateOfBirth": "1990-01-01"}),
-        )
-        .await;
-    assert_eq!(
-        reply.body,
-        json!({"phoneNumber": "+31610000002", "serviceType": "score", "result": {"dateOfBirth": 0}})
-    );
-}
-
-#[tokio::test]
-async fn number_verify_creates_and_completes_sessions() {
+async fn number_verify_waits_for_its_session_url() {
     let api = Api::start().await;
 
-    let created = api
-        .post(
-            &format!("{SANDBOX}/number-verify"),
-            json!({"phoneNumber": "+31610000001"}),
-        )
-        .await;
-    assert_eq!(created.status, StatusCode::CREATED);
+    let created = start_number_verify(&api, "+31610000001").await;
+    assert_eq!(created.status, StatusCode::OK);
     let id = created.body["id"].as_str().unwrap().to_owned();
     assert_eq!(id.len(), 36, "a UUID: {id}");
     assert_eq!(&id[14..15], "4", "version 4: {id}");
-    assert_eq!(
-        created.body,
-        json!({
-            "id": id,
-            "state": "pending",
-            "match": null,
-            "sessionUrl": format!("https://number-verify.mock.invalid/session/{id}"),
-        })
+    let session_url = created.body["sessionUrl"].as_str().unwrap().to_owned();
+    let session = api.path_of(&session_url).to_owned();
+    let token = session.strip_prefix("/v1/dm/session/").unwrap();
+    assert!(
+        token.len() == 32 && token.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{session_url}"
     );
     assert_eq!(
-        created.header("location"),
-        format!("{SANDBOX}/number-verify/{id}")
+        created.text,
+        format!(r#"{{"id":"{id}","state":"pending","match":null,"sessionUrl":"{session_url}"}}"#)
     );
 
-    let first = api.get(&format!("{V1}/number-verify/{id}")).await;
-    assert_eq!(first.status, StatusCode::OK);
-    assert_eq!(first.body, created.body);
-    let second = api.get(&format!("{V1}/number-verify/{id}")).await;
-    assert_eq!(second.body["state"], "completed");
-    assert_eq!(second.body["match"], true);
+    let pending = poll(&api, &id).await;
+    assert_eq!(pending.status, StatusCode::OK);
+    assert_eq!(
+        pending.text,
+        format!(r#"{{"id":"{id}","state":"pending","match":null}}"#)
+    );
+    assert_eq!(
+        poll(&api, &id).await.text,
+        pending.text,
+        "polling alone moves nothing"
+    );
 
-    let stranger = api
-        .post(
-            &format!("{V1}/number-verify"),
-            json!({"phoneNumber": "+31699999999"}),
-        )
+    // The device loads the sessionUrl: no token needed.
+    let loaded = api.call(Method::GET, &session, None, None).await;
+    let completed = format!(r#"{{"id":"{id}","state":"completed","match":true}}"#);
+    assert_eq!(loaded.status, StatusCode::OK);
+    assert_eq!(loaded.text, completed);
+    assert_eq!(poll(&api, &id).await.text, completed);
+    // Only a pending transaction moves.
+    let again = api
+        .call(Method::GET, &format!("{session}?state=failed"), None, None)
         .await;
-    assert_eq!(stranger.status, StatusCode::CREATED);
-    let stranger_id = stranger.body["id"].as_str().unwrap();
-    assert_ne!(stranger_id, id);
-    api.get(&format!("{V1}/number-verify/{stranger_id}")).await;
-    let completed = api.get(&format!("{V1}/number-verify/{stranger_id}")).await;
-    assert_eq!(completed.body["state"], "completed");
-    assert_eq!(completed.body["match"], false);
+    assert_eq!(again.text, completed);
 
-    let unknown = api.get(&format!("{V1}/number-verify/nope")).await;
+    // A number outside the sandbox table completes without a match.
+    let stranger = start_number_verify(&api, "+31699999999").await;
+    let stranger_id = stranger.body["id"].as_str().unwrap().to_owned();
+    assert_ne!(stranger_id, id);
+    let path = api
+        .path_of(stranger.body["sessionUrl"].as_str().unwrap())
+        .to_owned();
+    api.call(Method::GET, &path, None, None).await;
+    assert_eq!(
+        poll(&api, &stranger_id).await.text,
+        format!(r#"{{"id":"{stranger_id}","state":"completed","match":false}}"#)
+    );
+
+    // `?state=failed` fails it instead.
+    let failing = start_number_verify(&api, "+31610000002").await;
+    let failing_id = failing.body["id"].as_str().unwrap().to_owned();
+    let path = api
+        .path_of(failing.body["sessionUrl"].as_str().unwrap())
+        .to_owned();
+    api.call(Method::GET, &format!("{path}?state=failed"), None, None)
+        .await;
+    assert_eq!(
+        poll(&api, &failing_id).await.text,
+        format!(r#"{{"id":"{failing_id}","state":"failed","match":null}}"#)
+    );
+
+    let unknown = poll(&api, "nope").await;
     assert_eq!(
         unknown.error(StatusCode::NOT_FOUND, "not_found"),
-        "unknown number verification id"
+        "unknown number verify id"
     );
+    let unknown = api
+        .call(
+            Method::GET,
+            "/v1/dm/session/00000000000000000000000000000000",
+            None,
+            None,
+        )
+        .await;
+    assert_eq!(
+        unknown.error(StatusCode::NOT_FOUND, "not_found"),
+        "unknown session"
+    );
+}
+
+#[tokio::test]
+async fn callback_urls_must_be_https() {
+    let api = Api::start().await;
+    for (callback_url, message) in [
+        (Value::Null, "missing field: callbackUrl"),
+        (json!("http://app.example/callback"), "invalid field: callbackUrl (expected an https:// URL, e.g. https://example.com/callback)"),
+        (json!("HTTPS://app.example/callback"), "invalid field: callbackUrl (expected an https:// URL, e.g. https://example.com/callback)"),
+        (json!("https://"), "invalid field: callbackUrl (expected an https:// URL, e.g. https://example.com/callback)"),
+        (json!(42), "invalid field: callbackUrl (expected a string)"),
+    ] {
+        for target in [
+            format!("{V1}/number-verify"),
+            "/verification-service/v1/verify".to_owned(),
+        ] {
+            let reply = api
+                .post(
+                    &target,
+                    json!({"phoneNumber": "+31610000001", "callbackUrl": callback_url}),
+                )
+                .await;
+            assert_eq!(
+                reply.error(StatusCode::BAD_REQUEST, "bad_request"),
+                message,
+                "{target} {callback_url}"
+            );
+        }
+    }
 }
 
 #[tokio::test]
@@ -377,22 +623,22 @@ async fn reports_bad_requests_by_field() {
         ),
         (
             &identity_match,
-            json!({"phoneNumber": "+31610000001", "serviceType": "match"}),
-            "at least one of firstName, lastName, postcode, dateOfBirth is required",
-        ),
-        (
-            &identity_match,
             json!({"phoneNumber": "+31610000001", "serviceType": "fuzzy", "firstName": "Joris"}),
             "invalid field: serviceType (expected match or score)",
         ),
         (
             &identity_match,
-            json!({"phoneNumber": "+31610000001", "serviceType": "match", "dateOfBirth": "31-12-1963"}),
-            "invalid field: dateOfBirth (expected a date as YYYY-MM-DD)",
+            json!({"phoneNumber": "+31610000001", "serviceType": "match", "dateOfBirth": 19631231}),
+            "invalid field: dateOfBirth (expected a string)",
+        ),
+        (
+            &identity_match,
+            json!({"phoneNumber": "+31610000001", "serviceType": "match", "address3": ["x"]}),
+            "invalid field: address3 (expected a string)",
         ),
         (
             &format!("{V1}/number-verify"),
-            json!({"phoneNumber": null}),
+            json!({"phoneNumber": null, "callbackUrl": "https://app.example"}),
             "missing field: phoneNumber",
         ),
     ];
@@ -430,33 +676,58 @@ async fn reports_bad_requests_by_field() {
 }
 
 #[tokio::test]
-async fn unknown_paths_and_numbers_are_not_found() {
+async fn each_service_is_served_under_its_own_base_paths_only() {
     let api = Api::start().await;
+    let swap = json!({"phoneNumber": "+31610000001", "serviceType": "24h"});
+    let verify = json!({"phoneNumber": "+31610000001", "callbackUrl": "https://app.example"});
+    for base in [V1, SANDBOX] {
+        assert_eq!(
+            api.post(&format!("{base}/sim-swap"), swap.clone())
+                .await
+                .status,
+            StatusCode::OK
+        );
+        let reply = api.post(&format!("{base}/verify"), verify.clone()).await;
+        assert_eq!(
+            reply.error(StatusCode::NOT_FOUND, "not_found"),
+            "unknown endpoint",
+            "{base}"
+        );
+    }
+    for base in [
+        "/verification-service/v1",
+        "/verification-service-sandbox/v1",
+    ] {
+        assert_eq!(
+            api.post(&format!("{base}/verify"), verify.clone())
+                .await
+                .status,
+            StatusCode::OK
+        );
+        for endpoint in ["sim-swap", "identity-match", "number-verify"] {
+            let reply = api.post(&format!("{base}/{endpoint}"), swap.clone()).await;
+            assert_eq!(
+                reply.error(StatusCode::NOT_FOUND, "not_found"),
+                "unknown endpoint",
+                "{base}/{endpoint}"
+            );
+        }
+    }
     for target in [
         "/mobile-identity/v2/sim-swap",
         "/mobile-identity/v1",
         "/mobile-identity/v1/sim-swap/",
         "/mobile-identity/v1x/sim-swap",
         "/mobile-identity/v1/number-verify/a/b",
+        "/verification-service/v1/verify/",
+        "/verification-service/v1/verify/a/b",
+        "/v1/dm/session",
     ] {
         let reply = api.get(target).await;
         assert_eq!(
             reply.error(StatusCode::NOT_FOUND, "not_found"),
             "unknown endpoint",
             "{target}"
-        );
-    }
-
-    for (endpoint, service_type) in [("sim-swap", "24h"), ("identity-match", "match")] {
-        let reply = api
-            .post(
-                &format!("{V1}/{endpoint}"),
-                json!({"phoneNumber": "+31699999999", "serviceType": service_type, "firstName": "A"}),
-            )
-            .await;
-        assert_eq!(
-            reply.error(StatusCode::NOT_FOUND, "not_found"),
-            "no data for this phone number"
         );
     }
 }
@@ -477,6 +748,13 @@ async fn wrong_methods_are_not_allowed() {
             "/mobile-identity/v1/number-verify/some-id",
             "GET",
         ),
+        (Method::GET, "/verification-service/v1/verify", "POST"),
+        (
+            Method::GET,
+            "/verification-service/v1/verify/some-id",
+            "PUT",
+        ),
+        (Method::POST, "/v1/dm/session/some-token", "GET"),
     ] {
         let reply = api.call(method, target, Some(&valid_token()), None).await;
         assert_eq!(
@@ -485,6 +763,26 @@ async fn wrong_methods_are_not_allowed() {
         );
         assert_eq!(reply.header("allow"), allow);
     }
+}
+
+async fn swap(api: &Api, phone_number: &str, service_type: &str) -> Reply {
+    api.post(
+        &format!("{V1}/sim-swap"),
+        json!({"phoneNumber": phone_number, "serviceType": service_type}),
+    )
+    .await
+}
+
+async fn start_number_verify(api: &Api, phone_number: &str) -> Reply {
+    api.post(
+        &format!("{SANDBOX}/number-verify"),
+        json!({"phoneNumber": phone_number, "callbackUrl": "https://app.example/callback"}),
+    )
+    .await
+}
+
+async fn poll(api: &Api, id: &str) -> Reply {
+    api.get(&format!("{V1}/number-verify/{id}")).await
 }
 
 fn assert_unauthorized(reply: &crate::support::Reply, reason: &str) {

@@ -4,5 +4,7 @@
 
 mod api;
 mod bin;
+mod rate_limit;
 mod server;
 mod support;
+mod verification;

@@ -141,6 +141,8 @@ pub struct Reply {
     pub status: StatusCode,
     pub headers: HeaderMap,
     pub body: Value,
+    /// The body as sent, for key order.
+    pub text: String,
 }
 
 impl Reply {
@@ -163,13 +165,27 @@ impl Reply {
 
 impl Api {
     pub async fn start() -> Self {
+        Self::serve(MockApi::new(KEY_ID, SECRET)).await
+    }
+
+    /// Serves `api`, which should accept the test credentials.
+    pub async fn serve(api: MockApi) -> Self {
         let pki = TestPki::localhost();
-        let server = Server::builder()
-            .tls(&pki)
-            .handler(MockApi::new(KEY_ID, SECRET))
-            .start()
-            .await;
+        let server = Server::builder().tls(&pki).handler(api).start().await;
         Self { server, pki }
+    }
+
+    /// The path of `url` if it points at this server; panics otherwise.
+    pub fn path_of<'a>(&self, url: &'a str) -> &'a str {
+        let origin = self.server.url("");
+        url.strip_prefix(&origin)
+            .unwrap_or_else(|| panic!("{url} is not on {origin}"))
+    }
+
+    /// `PUT target` with a valid token.
+    pub async fn put(&self, target: &str, body: Value) -> Reply {
+        self.call(Method::PUT, target, Some(&valid_token()), Some(body))
+            .await
     }
 
     /// Sends `body` (if any) with `Authorization: Bearer <token>` (if any).
@@ -224,6 +240,7 @@ impl Api {
             status: parts.status,
             headers: parts.headers,
             body: serde_json::from_slice(&bytes).expect("a JSON body"),
+            text: String::from_utf8(bytes.to_vec()).expect("a UTF-8 body"),
         }
     }
 }

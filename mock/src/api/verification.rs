@@ -1,0 +1,137 @@
+//! The Verification service (VaaS): `POST /verify` and the sandbox's `PUT /verify/{id}` (fact
+//! sheet §2.5, §3.3).
+
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use serde_json::Value;
+
+use super::{
+    allow, id_in, lock, object, origin, read_object, ApiError, Fields, Inner, SESSION_PATH,
+};
+use crate::server::Body;
+
+const CHANNELS: [&str; 5] = ["whatsapp", "voice", "sms", "rcs", "viber"];
+
+/// A verification's `state` and `type`, as the API shows them.
+#[derive(Debug)]
+pub(super) struct Verification {
+    state: &'static str,
+    kind: &'static str,
+}
+
+impl Verification {
+    /// The device loaded the `sessionUrl` of a pending silent verification: silent
+    /// authentication succeeded, or failed and the flow fell back to an OTP (`smart`, fact
+    /// sheet §2.5.1) that is still pending.
+    pub(super) fn load(&mut self, failed: bool) {
+        if (self.state, self.kind) == ("pending", "silent") {
+            if failed {
+                self.kind = "smart";
+            } else {
+                self.state = "success";
+            }
+        }
+    }
+
+    pub(super) fn to_response(&self, id: &str) -> Response<Body> {
+        object(
+            StatusCode::OK,
+            [
+                ("id", id.into()),
+                ("state", self.state.into()),
+                ("type", self.kind.into()),
+            ],
+        )
+    }
+}
+
+impl Inner {
+    pub(super) async fn verification(
+        &self,
+        request: Request<Incoming>,
+        endpoint: &str,
+    ) -> Result<Response<Body>, ApiError> {
+        if endpoint == "/verify" {
+            allow(&request, Method::POST)?;
+            let origin = origin(&request);
+            return self.start_verification(&origin, &read_object(request).await?);
+        }
+        let id = id_in(endpoint, "/verify/").ok_or(ApiError::NotFound("unknown endpoint"))?;
+        allow(&request, Method::PUT)?;
+        let code = read_object(request).await?;
+        let state = sandbox_state(code.required("verificationCode")?)?;
+        let mut verifications = lock(&self.verifications);
+        let verification = verifications
+            .get_mut(id)
+            .ok_or(ApiError::NotFound("unknown verification id"))?;
+        // CM.com's example answers `smart` after a code (fact sheet §3.3): a code means an OTP.
+        *verification = Verification {
+            state,
+            kind: "smart",
+        };
+        Ok(verification.to_response(id))
+    }
+
+    fn start_verification(&self, origin: &str, body: &Fields) -> Result<Response<Body>, ApiError> {
+        body.phone_number()?;
+        body.optional("email")?;
+        body.callback_url()?;
+        check_channels(body)?;
+        let (id, token) = self.new_session()?;
+        lock(&self.verifications).insert(
+            id.clone(),
+            token.clone(),
+            Verification {
+                state: "pending",
+                kind: "silent",
+            },
+        );
+        Ok(object(
+            StatusCode::OK,
+            [
+                ("id", id.into()),
+                ("state", "pending".into()),
+                ("type", "silent".into()),
+                (
+                    "sessionUrl",
+                    format!("{origin}{SESSION_PATH}{token}").into(),
+                ),
+            ],
+        ))
+    }
+}
+
+/// The state CM.com's sandbox gives a code (fact sheet §3.3); any other code is refused.
+fn sandbox_state(code: &str) -> Result<&'static str, ApiError> {
+    match code {
+        "000000" => Ok("pending"),
+        "111111" => Ok("failed"),
+        "222222" => Ok("expired"),
+        "999999" => Ok("success"),
+        _ => Err(ApiError::invalid(
+            "verificationCode",
+            "the sandbox knows 000000, 111111, 222222 and 999999",
+        )),
+    }
+}
+
+/// `excludeChannels`, if sent: an array of CM.com's channel names (fact sheet §2.5.2).
+fn check_channels(body: &Fields) -> Result<(), ApiError> {
+    let valid = match body.get("excludeChannels") {
+        None => true,
+        Some(Value::Array(channels)) => channels.iter().all(|channel| {
+            channel
+                .as_str()
+                .is_some_and(|name| CHANNELS.contains(&name))
+        }),
+        Some(_) => false,
+    };
+    if valid {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(
+            "excludeChannels",
+            "expected an array of whatsapp, voice, sms, rcs, viber",
+        ))
+    }
+}
