@@ -1,17 +1,25 @@
-//! `mock-upstream`: the Mobile Identity API mock for local development.
+//! `mock-upstream`: the mock of CM.com's Mobile Identity API and Verification service, for local
+//! development.
 
 #![forbid(unsafe_code)]
 
 use std::{
     ffi::OsString,
-    fs, io,
+    fs,
+    future::Future,
+    io::{self, IsTerminal},
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     process::ExitCode,
+    time::Duration,
 };
 
-use clap::Parser;
-use idmatch_mock::{api::BASE_PATHS, MockApi, Server, TestPki};
+use clap::{Args, Parser, Subcommand};
+use idmatch_mock::{
+    api::{BASE_PATHS, VERIFICATION_BASE_PATHS},
+    MockApi, Server, TestPki,
+};
+use idmatch_proxy::config::read_credential;
 use tracing_subscriber::EnvFilter;
 
 const DEV_KEY_ID: &str = "dev-key-id";
@@ -20,18 +28,38 @@ const DEV_SECRET: &str = "dev-secret-not-for-production";
 /// sysexits.h EX_USAGE: the command line or environment is wrong.
 const EXIT_USAGE: u8 = 64;
 
-/// Serves a mock of CM.com's Mobile Identity API over TLS, with a certificate from a CA generated
-/// at startup, verifying HS256 bearer tokens.
+/// Serves a mock of CM.com's Mobile Identity API and Verification service over TLS, with a
+/// certificate from a CA generated at startup, verifying HS256 bearer tokens.
 #[derive(Debug, Parser)]
 #[command(
     version,
-    after_help = "The secret is read from the environment variable IDMATCH_SECRET or from \
-                  --secret-file, never from a flag value. With neither a key id nor a secret \
-                  configured, the development credentials key id \"dev-key-id\" and secret \
-                  \"dev-secret-not-for-production\" are used.\n\nSet \
-                  RUST_LOG=idmatch_mock=debug to see refused requests and failed handshakes."
+    args_conflicts_with_subcommands = true,
+    after_help = "Credentials are read as idmatch-proxy reads them: the key id from \
+                  IDMATCH_KEY_ID or IDMATCH_KEY_ID_FILE, the secret from IDMATCH_SECRET or \
+                  IDMATCH_SECRET_FILE (one trailing newline ignored), never from a flag value. \
+                  With neither a key id nor a secret configured, the development credentials \
+                  key id \"dev-key-id\" and secret \"dev-secret-not-for-production\" are \
+                  used.\n\nEach request is logged at info (method, path, status); set \
+                  RUST_LOG=warn to silence that, or RUST_LOG=idmatch_mock=debug for failed \
+                  handshakes too."
 )]
-struct Args {
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+
+    /// What runs when no subcommand is given.
+    #[command(flatten)]
+    serve: Serve,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the mock until SIGINT or SIGTERM (the default).
+    Serve(Serve),
+}
+
+#[derive(Debug, Args)]
+struct Serve {
     /// Address of the HTTPS listener.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8443")]
     listen: SocketAddr,
@@ -48,9 +76,19 @@ struct Args {
     #[arg(long, env = "IDMATCH_KEY_ID")]
     key_id: Option<String>,
 
+    /// File holding the key id; one trailing newline is ignored.
+    #[arg(long, value_name = "PATH", env = "IDMATCH_KEY_ID_FILE")]
+    key_id_file: Option<PathBuf>,
+
     /// File holding the HMAC secret; one trailing newline is ignored.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", env = "IDMATCH_SECRET_FILE")]
     secret_file: Option<PathBuf>,
+
+    /// Refuse, with 429, a Mobile Identity request arriving sooner than this after the last
+    /// one accepted, as CM.com asks clients to stay under one request per second per key id
+    /// (e.g. `1s`, `150ms`). Off by default.
+    #[arg(long, value_name = "DURATION", value_parser = parse_interval)]
+    rate_limit_interval: Option<Duration>,
 }
 
 #[tokio::main]
@@ -60,22 +98,23 @@ async fn main() -> ExitCode {
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .with_writer(io::stderr)
+        // Colours only for a person watching; log files and test captures get plain text.
+        .with_ansi(io::stderr().is_terminal())
         .init();
-    let args = Args::parse();
+    let cli = Cli::parse();
+    match cli.command.unwrap_or(Command::Serve(cli.serve)) {
+        Command::Serve(serve) => run(serve).await,
+    }
+}
 
-    let secret = match &args.secret_file {
-        Some(path) => match read_secret_file(path) {
-            Ok(secret) => Some(secret),
-            Err(error) => {
-                return usage(&format!(
-                    "reading --secret-file {}: {error}",
-                    path.display()
-                ))
-            }
-        },
-        None => std::env::var_os("IDMATCH_SECRET"),
+async fn run(args: Serve) -> ExitCode {
+    let sources = Sources {
+        key_id: args.key_id.map(OsString::from),
+        key_id_file: args.key_id_file,
+        secret: std::env::var_os("IDMATCH_SECRET"),
+        secret_file: args.secret_file,
     };
-    let (key_id, secret) = match credentials(args.key_id, secret) {
+    let (key_id, secret) = match credentials(sources) {
         Ok(Some(credentials)) => credentials,
         Ok(None) => {
             println!(
@@ -84,9 +123,21 @@ async fn main() -> ExitCode {
             );
             (DEV_KEY_ID.to_owned(), DEV_SECRET.to_owned())
         }
-        Err(error) => return usage(error),
+        Err(error) => return usage(&error),
     };
-    let api = MockApi::new(key_id, secret);
+    let mut api = MockApi::builder(key_id, secret);
+    if let Some(interval) = args.rate_limit_interval {
+        api = api.rate_limit(interval);
+    }
+    let api = api.build();
+
+    let shutdown = match shutdown_signal() {
+        Ok(shutdown) => shutdown,
+        Err(error) => {
+            eprintln!("mock-upstream: listening for shutdown signals: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
 
     let pki = TestPki::new(&certificate_hosts(args.listen.ip()));
     if let Err(error) = write_ca(&pki, &args.ca_out) {
@@ -103,9 +154,9 @@ async fn main() -> ExitCode {
         Err(error) => return bind_failed(args.listen, &error),
     };
     println!(
-        "mock-upstream: serving {} (and {}); trust the CA in {}",
+        "mock-upstream: serving {} ({}); trust the CA in {}",
         base_url("https", https.addr()),
-        BASE_PATHS[1],
+        other_bases(),
         args.ca_out.display()
     );
     let mut servers = vec![https];
@@ -115,16 +166,14 @@ async fn main() -> ExitCode {
             Err(error) => return bind_failed(addr, &error),
         };
         println!(
-            "mock-upstream: serving {} (and {})",
+            "mock-upstream: serving {} ({})",
             base_url("http", http.addr()),
-            BASE_PATHS[1]
+            other_bases()
         );
         servers.push(http);
     }
 
-    if let Err(error) = shutdown_signal().await {
-        eprintln!("mock-upstream: waiting for a shutdown signal: {error}");
-    }
+    shutdown.await;
     for server in servers {
         server.shutdown().await;
     }
@@ -132,33 +181,86 @@ async fn main() -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// The key id and secret, `None` for the development credentials, or why neither applies.
-fn credentials(
-    key_id: Option<String>,
+/// `<integer>ms` or `<integer>s`, as idmatch-proxy writes durations.
+fn parse_interval(text: &str) -> Result<Duration, String> {
+    let digits = text.bytes().take_while(u8::is_ascii_digit).count();
+    let (number, unit) = text.split_at(digits);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("expected e.g. 1s or 150ms, not {text:?}"))?;
+    let interval = match unit {
+        "ms" => Duration::from_millis(number),
+        "s" => Duration::from_secs(number),
+        _ => return Err(format!("expected e.g. 1s or 150ms, not {text:?}")),
+    };
+    if interval.is_zero() {
+        return Err("must be more than zero; leave the flag out for no limit".into());
+    }
+    Ok(interval)
+}
+
+/// Where each credential may come from; a value and a file for the same one are refused, as
+/// idmatch-proxy refuses them.
+#[derive(Debug, Default)]
+struct Sources {
+    key_id: Option<OsString>,
+    key_id_file: Option<PathBuf>,
     secret: Option<OsString>,
-) -> Result<Option<(String, String)>, &'static str> {
+    secret_file: Option<PathBuf>,
+}
+
+/// The key id and secret, `None` for the development credentials, or why neither applies.
+fn credentials(sources: Sources) -> Result<Option<(String, String)>, String> {
+    let key_id = credential(
+        ("IDMATCH_KEY_ID (--key-id)", sources.key_id),
+        ("IDMATCH_KEY_ID_FILE (--key-id-file)", sources.key_id_file),
+    )?;
+    let secret = credential(
+        ("IDMATCH_SECRET", sources.secret),
+        ("IDMATCH_SECRET_FILE (--secret-file)", sources.secret_file),
+    )?;
     match (key_id, secret) {
         (None, None) => Ok(None),
         (Some(_), None) => {
-            Err("a key id is set but no secret: set IDMATCH_SECRET or --secret-file")
+            Err("a key id is set but no secret: set IDMATCH_SECRET or IDMATCH_SECRET_FILE".into())
         }
-        (None, Some(_)) => Err("a secret is set but no key id: set IDMATCH_KEY_ID or --key-id"),
-        (Some(key_id), Some(secret)) => {
-            let secret = secret
-                .into_string()
-                .map_err(|_| "the secret is not valid UTF-8")?;
-            if key_id.is_empty() || secret.is_empty() {
-                return Err("the key id and the secret must not be empty");
-            }
-            Ok(Some((key_id, secret)))
+        (None, Some(_)) => {
+            Err("a secret is set but no key id: set IDMATCH_KEY_ID or IDMATCH_KEY_ID_FILE".into())
         }
+        (Some(key_id), Some(secret)) => Ok(Some((key_id, secret))),
     }
 }
 
-fn read_secret_file(path: &Path) -> io::Result<OsString> {
-    let secret = fs::read_to_string(path)?;
-    let secret = secret.strip_suffix('\n').unwrap_or(&secret);
-    Ok(secret.strip_suffix('\r').unwrap_or(secret).into())
+/// One credential from its value or its file, not both; UTF-8 and not empty.
+fn credential(
+    (value_name, value): (&str, Option<OsString>),
+    (file_name, file): (&str, Option<PathBuf>),
+) -> Result<Option<String>, String> {
+    let text = match (value, file) {
+        (None, None) => return Ok(None),
+        (Some(_), Some(_)) => {
+            return Err(format!(
+                "{value_name} and {file_name}: both are set; set only one of them"
+            ))
+        }
+        (Some(value), None) => value
+            .into_string()
+            .map_err(|_| format!("{value_name}: not valid UTF-8"))?,
+        (None, Some(file)) => read_credential(&file)
+            .map(|bytes| String::from_utf8(bytes).expect("read_credential checks UTF-8"))
+            .map_err(|error| format!("{file_name}: {error}"))?,
+    };
+    if text.is_empty() {
+        return Err(format!("{value_name}: must not be empty"));
+    }
+    Ok(Some(text))
+}
+
+/// The base paths other than the one announced first.
+fn other_bases() -> String {
+    let mut bases = vec![BASE_PATHS[1]];
+    bases.extend(VERIFICATION_BASE_PATHS);
+    format!("and {}", bases.join(", "))
 }
 
 /// Every name a local client may use, plus the listen address when it is a specific remote one.
@@ -195,17 +297,25 @@ fn base_url(scheme: &str, addr: SocketAddr) -> String {
     format!("{scheme}://{host}:{}{}", addr.port(), BASE_PATHS[0])
 }
 
-async fn shutdown_signal() -> io::Result<()> {
+/// Resolves on SIGINT or SIGTERM. Both are registered before this returns, so that a signal sent
+/// as soon as the mock has announced itself stops it cleanly instead of killing it.
+fn shutdown_signal() -> io::Result<impl Future<Output = ()>> {
     #[cfg(unix)]
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    #[cfg(unix)]
-    let terminate = terminate.recv();
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<Option<()>>();
-    tokio::select! {
-        interrupted = tokio::signal::ctrl_c() => interrupted,
-        _ = terminate => Ok(()),
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut interrupt = signal(SignalKind::interrupt())?;
+        let mut terminate = signal(SignalKind::terminate())?;
+        Ok(async move {
+            tokio::select! {
+                _ = interrupt.recv() => {}
+                _ = terminate.recv() => {}
+            }
+        })
     }
+    #[cfg(not(unix))]
+    Ok(async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
 }
 
 fn usage(message: &str) -> ExitCode {
@@ -224,14 +334,66 @@ mod tests {
 
     #[test]
     fn development_credentials_only_when_nothing_is_configured() {
-        assert_eq!(credentials(None, None), Ok(None));
-        assert!(credentials(Some("kid".into()), None).is_err());
-        assert!(credentials(None, Some("secret".into())).is_err());
-        assert!(credentials(Some(String::new()), Some("secret".into())).is_err());
+        let sources = |key_id: Option<&str>, secret: Option<&str>| Sources {
+            key_id: key_id.map(OsString::from),
+            secret: secret.map(OsString::from),
+            ..Sources::default()
+        };
+        assert_eq!(credentials(sources(None, None)), Ok(None));
+        assert!(credentials(sources(Some("kid"), None)).is_err());
+        assert!(credentials(sources(None, Some("secret"))).is_err());
+        assert!(credentials(sources(Some(""), Some("secret"))).is_err());
         assert_eq!(
-            credentials(Some("kid".into()), Some("secret".into())),
+            credentials(sources(Some("kid"), Some("secret"))),
             Ok(Some(("kid".to_owned(), "secret".to_owned())))
         );
+    }
+
+    #[test]
+    fn credential_files_drop_one_newline_and_exclude_values() {
+        let dir = std::env::temp_dir().join(format!("mock-upstream-unit-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let (key_id, secret) = (dir.join("key-id"), dir.join("secret"));
+        fs::write(&key_id, "kid\n").unwrap();
+        fs::write(&secret, "s3cret\n\n").unwrap();
+        let files = || Sources {
+            key_id_file: Some(key_id.clone()),
+            secret_file: Some(secret.clone()),
+            ..Sources::default()
+        };
+        assert_eq!(
+            credentials(files()),
+            Ok(Some(("kid".to_owned(), "s3cret\n".to_owned())))
+        );
+        let both = Sources {
+            secret: Some("s".into()),
+            ..files()
+        };
+        assert_eq!(
+            credentials(both),
+            Err(
+                "IDMATCH_SECRET and IDMATCH_SECRET_FILE (--secret-file): both are set; set only \
+                 one of them"
+                    .to_owned()
+            )
+        );
+        let missing = Sources {
+            secret_file: Some(dir.join("missing")),
+            ..files()
+        };
+        assert!(credentials(missing)
+            .unwrap_err()
+            .starts_with("IDMATCH_SECRET_FILE (--secret-file): cannot read"));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn intervals_are_milliseconds_or_seconds() {
+        assert_eq!(parse_interval("150ms"), Ok(Duration::from_millis(150)));
+        assert_eq!(parse_interval("1s"), Ok(Duration::from_secs(1)));
+        for bad in ["", "1", "1m", "s", "-1s", "0ms", "1.5s"] {
+            assert!(parse_interval(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
