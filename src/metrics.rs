@@ -108,7 +108,16 @@ pub struct Metrics {
 impl Metrics {
     /// Counts a finished request in `requests_total`.
     pub fn count_request(&self, method: &http::Method, status: http::StatusCode) {
-        let (method, class) = (method_index(method), status_class_index(status));
+        self.count(method_index(method), status_class_index(status));
+    }
+
+    /// Counts in `requests_total` a request whose head hyper could not parse: its method is
+    /// unknown, so `other`.
+    pub fn count_unparsed(&self, status: http::StatusCode) {
+        self.count(METHODS.len() - 1, status_class_index(status));
+    }
+
+    fn count(&self, method: usize, class: usize) {
         self.request_counters[method * STATUS_CLASSES.len() + class]
             .get_or_init(|| {
                 let labels = RequestLabels {

@@ -124,6 +124,40 @@ impl Observer {
     }
 }
 
+impl Observer {
+    /// Accounts for a request whose head hyper could not parse, and answered itself before any
+    /// service ran: 400, or 431 or 414 for a head or target over the limits. That answer is
+    /// hyper's, bare: it has no hook to add `Proxy-Status` or a body. The log line names the
+    /// peer and hyper's reason, never the bytes received.
+    pub fn unparsed(&self, peer: SocketAddr, error: &hyper::Error) {
+        let reason = error.to_string();
+        let (status, code) = if !error.is_parse_too_large() {
+            (StatusCode::BAD_REQUEST, "http_request_error")
+        // hyper tells its two size limits apart only in words.
+        } else if reason == "URI too long" {
+            (StatusCode::URI_TOO_LONG, "http_request_denied")
+        } else {
+            (
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "http_request_denied",
+            )
+        };
+        self.metrics.count_unparsed(status);
+        self.metrics
+            .proxy_errors
+            .get_or_create(&ErrorLabels { code })
+            .inc();
+        tracing::info!(
+            target: ACCESS,
+            %peer,
+            status = status.as_u16(),
+            error = code,
+            reason,
+            "request"
+        );
+    }
+}
+
 /// The request target as the access log shows it: the path, and the query unless it is
 /// redacted (it can hold phone numbers). The client's `Uri` shares hyper's read buffer, so
 /// keeping it costs no copy; the text is made only if the line is written.

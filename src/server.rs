@@ -149,15 +149,17 @@ impl Server {
                     let Ok(local) = stream.local_addr() else { continue };
                     let _ = stream.set_nodelay(true);
                     let activity = Arc::new(Activity::new());
-                    let observer = observer.clone();
                     let requests = activity.clone();
-                    let service = service_fn(move |request: http::Request<hyper::body::Incoming>| {
-                        requests.request_started(request.version());
-                        observer.clone().handle(request, local, requests.clone())
+                    let service = service_fn({
+                        let observer = observer.clone();
+                        move |request: http::Request<hyper::body::Incoming>| {
+                            requests.request_started(request.version());
+                            observer.clone().handle(request, local, requests.clone())
+                        }
                     });
                     let io = TokioIo::new(Tracked { inner: stream, activity: activity.clone() });
                     let connection = http.serve_connection(io, service).into_owned();
-                    connections.spawn(drive(connection, activity, self.limits.clone(), phases.clone(), peer));
+                    connections.spawn(drive(connection, activity, self.limits.clone(), phases.clone(), peer, observer.clone()));
                     false
                 }
                 // Still awaited after a quit started the drain: the caller's second-signal exit
@@ -234,9 +236,9 @@ async fn drive<C>(
     limits: ClientLimits,
     phases: Arc<Phases>,
     peer: std::net::SocketAddr,
+    observer: Arc<Observer>,
 ) where
-    C: GracefulConnection,
-    C::Error: std::fmt::Display,
+    C: GracefulConnection<Error = Box<dyn std::error::Error + Send + Sync>>,
 {
     tokio::pin!(connection);
     let timer = tokio::time::sleep_until(Instant::now());
@@ -251,7 +253,13 @@ async fn drive<C>(
     std::future::poll_fn(|cx| loop {
         if let Poll::Ready(result) = connection.as_mut().poll(cx) {
             if let Err(error) = result {
-                tracing::debug!(%peer, %error, "connection ended with an error");
+                match error.downcast_ref::<hyper::Error>() {
+                    // hyper has answered it: a request that never reached the service.
+                    Some(parse) if parse.is_parse() && !parse.is_parse_version_h2() => {
+                        observer.unparsed(peer, parse);
+                    }
+                    _ => tracing::debug!(%peer, %error, "connection ended with an error"),
+                }
             }
             return Poll::Ready(());
         }

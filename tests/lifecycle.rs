@@ -472,3 +472,36 @@ fn the_pgo_training_mix_runs_through_the_binary_and_it_exits_cleanly() {
     // 8 connections × 25, the 250 rare requests, twice (access log on, then off).
     assert_eq!(answered, 2 * (8 * 25 + 250));
 }
+
+/// A head hyper refuses (and answers itself) still gets an access-log line: the peer and
+/// hyper's reason, never the bytes received.
+#[tokio::test]
+async fn a_request_hyper_refuses_is_logged_without_its_bytes() {
+    let pki = TestPki::localhost();
+    let upstream = upstream(&pki, Duration::ZERO).await;
+    let (_config, env) = env_for(&upstream, &pki, &[]);
+    let mut proxy = Binary::serve(&env);
+    let answer = raw(
+        proxy.addr,
+        b"GET /a HTTP/1.1\r\nHost: x\r\nmarker-7f3a without a colon\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer:?}");
+    proxy.signal("TERM");
+    let (_, logs) = proxy.finish(Duration::from_secs(10));
+    let access: Vec<serde_json::Value> = logs
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|e| e["target"] == "idmatch_proxy::access")
+        .collect();
+    assert_eq!(access.len(), 1, "{logs:#?}");
+    let line = &access[0];
+    assert_eq!(line["status"], 400);
+    assert_eq!(line["error"], "http_request_error");
+    assert_eq!(line["reason"], "invalid HTTP header parsed");
+    assert!(
+        line["peer"].as_str().unwrap().starts_with("127.0.0.1:"),
+        "{line}"
+    );
+    assert!(!logs.iter().any(|l| l.contains("marker-7f3a")), "{logs:#?}");
+}

@@ -733,3 +733,58 @@ async fn a_fresh_proxy_exports_every_error_retry_and_reload_counter_at_zero() {
         );
     }
 }
+
+/// Heads hyper cannot parse never reach our service, and hyper answers them itself; they are
+/// still counted, as requests of method `other`, and by error type.
+#[tokio::test]
+async fn requests_hyper_refuses_are_counted() {
+    let (upstream, proxy, _config) = stack_with(
+        Duration::ZERO,
+        &[("IDMATCH_CLIENT_MAX_HEADER_BYTES", "128KiB")],
+    )
+    .await;
+    let big_field = format!("X-Big: {}\r\n", "a".repeat(130 * 1024));
+    let long_target = format!("/{}", "a".repeat(70 * 1024));
+    let cases = [
+        ("GET /a b HTTP/1.1\r\nHost: x\r\n\r\n".to_owned(), 400),
+        (
+            "GET /a HTTP/1.1\r\nHost: x\r\nno colon\r\n\r\n".to_owned(),
+            400,
+        ),
+        (
+            format!("GET /a HTTP/1.1\r\nHost: x\r\n{big_field}\r\n"),
+            431,
+        ),
+        (
+            format!("GET {long_target} HTTP/1.1\r\nHost: x\r\n\r\n"),
+            414,
+        ),
+    ];
+    for (request, status) in &cases {
+        let answer = raw(proxy.addr, request.as_bytes()).await;
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status} ")),
+            "{status}: {answer:?}"
+        );
+    }
+    assert_eq!(upstream.request_count(), 0);
+    // The connection task accounts for it as the connection ends, just after the answer.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let sample = r#"idmatch_proxy_requests_total{method="other",status_class="4xx"}"#;
+    while scrape(proxy.admin, sample).await < 4.0 && Instant::now() < deadline {
+        tokio::task::yield_now().await;
+    }
+    for (sample, value) in [
+        (sample, 4.0),
+        (
+            r#"idmatch_proxy_proxy_errors_total{code="http_request_error"}"#,
+            2.0,
+        ),
+        (
+            r#"idmatch_proxy_proxy_errors_total{code="http_request_denied"}"#,
+            2.0,
+        ),
+    ] {
+        assert_eq!(scrape(proxy.admin, sample).await, value, "{sample}");
+    }
+}
