@@ -24,6 +24,7 @@ use std::{
 use bytes::Bytes;
 use http::{
     header::{ALLOW, HOST, RETRY_AFTER, WWW_AUTHENTICATE},
+    request::Parts,
     uri::Scheme,
     HeaderValue, Method, Request, Response, StatusCode, Uri,
 };
@@ -155,9 +156,13 @@ impl Handler for MockApi {
         let inner = self.inner.clone();
         Box::pin(async move {
             let arrival = (inner.clock)();
-            let method = request.method().clone();
-            let path = request.uri().path().to_owned();
-            let (response, refusal) = match inner.answer(request, arrival).await {
+            let (head, body) = request.into_parts();
+            let method = head.method.clone();
+            let path = head.uri.path().to_owned();
+            // Read whole before answering, even a refusal: over HTTP/2 a client still sending
+            // its body (curl) may drop an answer that comes first.
+            let body = read_body(body).await;
+            let (response, refusal) = match inner.answer(Received { head, body }, arrival) {
                 Ok(response) => (response, None),
                 Err(error) => (error.to_response(), Some(error.to_string())),
             };
@@ -176,18 +181,14 @@ impl Handler for MockApi {
 }
 
 impl Inner {
-    async fn answer(
-        &self,
-        request: Request<Incoming>,
-        arrival: Instant,
-    ) -> Result<Response<Body>, ApiError> {
-        let path = request.uri().path().to_owned();
+    fn answer(&self, request: Received, arrival: Instant) -> Result<Response<Body>, ApiError> {
+        let path = request.head.uri.path().to_owned();
         if let Some(token) = path.strip_prefix(SESSION_PATH) {
-            allow(&request, Method::GET)?;
-            return self.load_session(token, request.uri().query() == Some("state=failed"));
+            request.allow(Method::GET)?;
+            return self.load_session(token, request.head.uri.query() == Some("state=failed"));
         }
         self.verifier
-            .verify(request.headers())
+            .verify(&request.head.headers)
             .map_err(ApiError::Unauthorized)?;
         if let Some(endpoint) = endpoint(&path, &BASE_PATHS) {
             if let Some(limit) = &self.rate_limit {
@@ -196,9 +197,9 @@ impl Inner {
                     wait,
                 })?;
             }
-            self.mobile_identity(request, endpoint).await
+            self.mobile_identity(request, endpoint)
         } else if let Some(endpoint) = endpoint(&path, &VERIFICATION_BASE_PATHS) {
-            self.verification(request, endpoint).await
+            self.verification(request, endpoint)
         } else {
             Err(ApiError::NotFound("unknown endpoint"))
         }
@@ -256,22 +257,6 @@ fn id_in<'a>(endpoint: &'a str, prefix: &str) -> Option<&'a str> {
         .filter(|id| !id.is_empty() && !id.contains('/'))
 }
 
-/// `scheme://authority` as the client reached the mock, for a `sessionUrl` it can load.
-fn origin(request: &Request<Incoming>) -> String {
-    let scheme = request
-        .extensions()
-        .get::<Scheme>()
-        .or(request.uri().scheme())
-        .map_or("http", Scheme::as_str);
-    let authority = request
-        .uri()
-        .authority()
-        .map(|authority| authority.as_str())
-        .or_else(|| request.headers().get(HOST)?.to_str().ok())
-        .unwrap_or("localhost");
-    format!("{scheme}://{authority}")
-}
-
 /// A JSON object with its keys in the order given, as CM.com's examples show them (`state`
 /// first). serde_json's `Map` sorts keys, and its `preserve_order` feature would reorder the
 /// proxy's JSON too wherever the workspace builds both.
@@ -292,16 +277,53 @@ fn object<'a>(
     json_text(status, text)
 }
 
-fn allow(request: &Request<Incoming>, method: Method) -> Result<(), ApiError> {
-    if *request.method() == method {
-        Ok(())
-    } else {
-        Err(ApiError::MethodNotAllowed(method))
+/// A request read whole: its head, and its body or why that could not be read.
+struct Received {
+    head: Parts,
+    body: Result<Bytes, ApiError>,
+}
+
+impl Received {
+    fn allow(&self, method: Method) -> Result<(), ApiError> {
+        if self.head.method == method {
+            Ok(())
+        } else {
+            Err(ApiError::MethodNotAllowed(method))
+        }
+    }
+
+    /// `scheme://authority` as the client reached the mock, for a `sessionUrl` it can load.
+    fn origin(&self) -> String {
+        let scheme = self
+            .head
+            .extensions
+            .get::<Scheme>()
+            .or(self.head.uri.scheme())
+            .map_or("http", Scheme::as_str);
+        let authority = self
+            .head
+            .uri
+            .authority()
+            .map(|authority| authority.as_str())
+            .or_else(|| self.head.headers.get(HOST)?.to_str().ok())
+            .unwrap_or("localhost");
+        format!("{scheme}://{authority}")
+    }
+
+    /// The body as a JSON object.
+    fn object(self) -> Result<Fields, ApiError> {
+        match serde_json::from_slice(&self.body?) {
+            Ok(Value::Object(fields)) => Ok(Fields(fields)),
+            Ok(_) => Err(ApiError::BadRequest(
+                "request body must be a JSON object".into(),
+            )),
+            Err(_) => Err(ApiError::BadRequest("invalid JSON body".into())),
+        }
     }
 }
 
-async fn read_object(request: Request<Incoming>) -> Result<Fields, ApiError> {
-    let bytes: Bytes = Limited::new(request.into_body(), MAX_BODY_BYTES)
+async fn read_body(body: Incoming) -> Result<Bytes, ApiError> {
+    Ok(Limited::new(body, MAX_BODY_BYTES)
         .collect()
         .await
         .map_err(|error| {
@@ -311,14 +333,7 @@ async fn read_object(request: Request<Incoming>) -> Result<Fields, ApiError> {
                 ApiError::BadRequest("could not read the request body".into())
             }
         })?
-        .to_bytes();
-    match serde_json::from_slice(&bytes) {
-        Ok(Value::Object(fields)) => Ok(Fields(fields)),
-        Ok(_) => Err(ApiError::BadRequest(
-            "request body must be a JSON object".into(),
-        )),
-        Err(_) => Err(ApiError::BadRequest("invalid JSON body".into())),
-    }
+        .to_bytes())
 }
 
 /// A request body's top-level fields; `null` counts as absent, unknown fields are ignored.

@@ -1,15 +1,14 @@
 //! The Mobile Identity endpoints: SIM swap, Identity Match and Number Verify (fact sheet
 //! §2.1-2.4).
 
-use http::{Method, Request, Response, StatusCode};
-use hyper::body::Incoming;
+use http::{Method, Response, StatusCode};
 use serde_json::{json, Value};
 use time::{format_description::well_known::Rfc3339, Duration, OffsetDateTime};
 
 use super::{
-    allow, id_in, lock, object, origin, read_object,
+    id_in, lock, object,
     sandbox::{self, Claims},
-    ApiError, Fields, Inner, SESSION_PATH,
+    ApiError, Fields, Inner, Received, SESSION_PATH,
 };
 use crate::server::Body;
 
@@ -82,29 +81,29 @@ impl NumberVerify {
 }
 
 impl Inner {
-    pub(super) async fn mobile_identity(
+    pub(super) fn mobile_identity(
         &self,
-        request: Request<Incoming>,
+        request: Received,
         endpoint: &str,
     ) -> Result<Response<Body>, ApiError> {
         match endpoint {
             "/sim-swap" => {
-                allow(&request, Method::POST)?;
-                sim_swap(&read_object(request).await?, OffsetDateTime::now_utc())
+                request.allow(Method::POST)?;
+                sim_swap(&request.object()?, OffsetDateTime::now_utc())
             }
             "/identity-match" => {
-                allow(&request, Method::POST)?;
-                identity_match(&read_object(request).await?)
+                request.allow(Method::POST)?;
+                identity_match(&request.object()?)
             }
             "/number-verify" => {
-                allow(&request, Method::POST)?;
-                let origin = origin(&request);
-                self.start_number_verify(&origin, &read_object(request).await?)
+                request.allow(Method::POST)?;
+                let origin = request.origin();
+                self.start_number_verify(&origin, &request.object()?)
             }
             _ => {
                 let id = id_in(endpoint, "/number-verify/")
                     .ok_or(ApiError::NotFound("unknown endpoint"))?;
-                allow(&request, Method::GET)?;
+                request.allow(Method::GET)?;
                 let mut transactions = lock(&self.number_verify);
                 let transaction = transactions
                     .get_mut(id)

@@ -1,13 +1,10 @@
 //! The Verification service (VaaS): `POST /verify` and the sandbox's `PUT /verify/{id}` (fact
 //! sheet §2.5, §3.3).
 
-use http::{Method, Request, Response, StatusCode};
-use hyper::body::Incoming;
+use http::{Method, Response, StatusCode};
 use serde_json::Value;
 
-use super::{
-    allow, id_in, lock, object, origin, read_object, ApiError, Fields, Inner, SESSION_PATH,
-};
+use super::{id_in, lock, object, ApiError, Fields, Inner, Received, SESSION_PATH};
 use crate::server::Body;
 
 const CHANNELS: [&str; 5] = ["whatsapp", "voice", "sms", "rcs", "viber"];
@@ -46,19 +43,19 @@ impl Verification {
 }
 
 impl Inner {
-    pub(super) async fn verification(
+    pub(super) fn verification(
         &self,
-        request: Request<Incoming>,
+        request: Received,
         endpoint: &str,
     ) -> Result<Response<Body>, ApiError> {
         if endpoint == "/verify" {
-            allow(&request, Method::POST)?;
-            let origin = origin(&request);
-            return self.start_verification(&origin, &read_object(request).await?);
+            request.allow(Method::POST)?;
+            let origin = request.origin();
+            return self.start_verification(&origin, &request.object()?);
         }
         let id = id_in(endpoint, "/verify/").ok_or(ApiError::NotFound("unknown endpoint"))?;
-        allow(&request, Method::PUT)?;
-        let code = read_object(request).await?;
+        request.allow(Method::PUT)?;
+        let code = request.object()?;
         let state = sandbox_state(code.required("verificationCode")?)?;
         let mut verifications = lock(&self.verifications);
         let verification = verifications
