@@ -788,3 +788,39 @@ async fn requests_hyper_refuses_are_counted() {
         assert_eq!(scrape(proxy.admin, sample).await, value, "{sample}");
     }
 }
+
+/// `/quitquitquit` takes POST only; from loopback it starts the drain (the 403 for other peers
+/// is tested in `admin.rs`: here every peer is on loopback).
+#[tokio::test]
+async fn quitquitquit_takes_post_only_and_starts_the_drain() {
+    let (_upstream, proxy, _config) =
+        stack_with(Duration::ZERO, &[("IDMATCH_DRAIN_DELAY", "30s")]).await;
+    let client = http1();
+    let url = admin_url(&proxy, "/quitquitquit");
+    let refused = send(&client, get(&url)).await;
+    assert_eq!(refused.status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(refused.headers["allow"], "POST");
+    let ready = send(&client, get(&admin_url(&proxy, "/readyz"))).await;
+    assert_eq!(
+        ready.status,
+        StatusCode::OK,
+        "a refused quit changes nothing"
+    );
+
+    let quit = Request::post(&url).body(Default::default()).unwrap();
+    assert_eq!(send(&client, quit).await.status, StatusCode::ACCEPTED);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let readiness = loop {
+        let answer = send(&client, get(&admin_url(&proxy, "/readyz"))).await;
+        if answer.status != StatusCode::OK || Instant::now() > deadline {
+            break answer;
+        }
+        tokio::task::yield_now().await;
+    };
+    assert_eq!(readiness.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(readiness.json()["reason"], "draining");
+    // Still serving through the drain delay, with `Connection: close`.
+    let answer = send(&client, get(&proxy.url("/during-drain"))).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(answer.headers["connection"], "close");
+}
