@@ -1370,7 +1370,8 @@ fn read_bounded(file: &Path, limit: u64) -> Result<Vec<u8>, String> {
     Ok(bytes)
 }
 
-fn read_certificates(file: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+/// A PEM bundle of CA certificates, each checked to be usable as a trust anchor.
+pub fn read_certificates(file: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
     let pem = read_bounded(file, MAX_CA_FILE)?;
     let certificates = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()

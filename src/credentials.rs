@@ -10,14 +10,21 @@
 //! A change is applied at once: the next token is minted with the new credentials. A file that
 //! cannot be used (missing, empty, not UTF-8, too large) keeps the credentials in use; the
 //! problem is logged and counted once, not at every check.
+//!
+//! [`CaReloader`] does the same for `upstream.ca_file`, on the same interval: a changed bundle
+//! is trusted by the next connection to the upstream; one that cannot be used keeps the roots
+//! in use.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::config::{read_credential, Credentials, Secret};
+use rustls::pki_types::CertificateDer;
+
+use crate::config::{read_certificates, read_credential, Credentials, Secret, Upstream};
 use crate::metrics::{Metrics, OutcomeLabels};
 use crate::token::{Signer, TokenCache};
+use crate::upstream::Trust;
 
 /// Reads per check while the key id keeps changing as the secret is read. One rename replaces
 /// both files, so the second read agrees.
@@ -73,12 +80,12 @@ impl Reloader {
 
     /// Checks every `reload_interval`, forever: spawn it next to the server.
     pub async fn run(mut self) {
-        loop {
-            tokio::time::sleep(self.interval).await;
-            // Blocking reads, but of at most 64 KiB from a tmpfs: cheaper than a trip to the
-            // blocking pool.
+        // Blocking reads, but of at most 64 KiB from a tmpfs: cheaper than a trip to the
+        // blocking pool.
+        every(self.interval, || {
             self.check();
-        }
+        })
+        .await
     }
 
     /// Reads the files once and applies what changed.
@@ -162,6 +169,101 @@ impl Reloader {
     fn count(&self, outcome: &'static str) {
         self.metrics
             .credential_reloads
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+    }
+}
+
+/// Runs `check` every `interval`, forever.
+async fn every(interval: Duration, mut check: impl FnMut()) {
+    loop {
+        tokio::time::sleep(interval).await;
+        check();
+    }
+}
+
+/// Re-reads `upstream.ca_file` every `credentials.reload_interval` and hands a changed bundle to
+/// the upstream's [`Trust`]: connections opened after it verify against the new roots, those
+/// already open keep going (they were verified when opened).
+pub struct CaReloader {
+    file: PathBuf,
+    interval: Duration,
+    /// What new connections trust now, besides `upstream.roots`.
+    in_use: Vec<CertificateDer<'static>>,
+    trust: Trust,
+    /// The last problem reported, so that a file that stays broken is reported once.
+    failure: Option<String>,
+    metrics: Arc<Metrics>,
+}
+
+impl CaReloader {
+    /// `trust` must be trusting `upstream` as loaded. `None` without `upstream.ca_file`.
+    pub fn new(
+        upstream: &Upstream,
+        interval: Duration,
+        trust: Trust,
+        metrics: Arc<Metrics>,
+    ) -> Option<Self> {
+        Some(Self {
+            file: upstream.ca_file.clone()?,
+            interval,
+            in_use: upstream.extra_roots.clone(),
+            trust,
+            failure: None,
+            metrics,
+        })
+    }
+
+    /// Checks every `interval`, forever: spawn it next to the server.
+    pub async fn run(mut self) {
+        // A bundle is at most a few hundred KiB, usually from a tmpfs, as the credentials.
+        every(self.interval, || {
+            self.check();
+        })
+        .await
+    }
+
+    /// Reads the file once and applies it if it changed.
+    pub fn check(&mut self) -> Check {
+        let certificates = match read_certificates(&self.file) {
+            Ok(certificates) => certificates,
+            Err(problem) => return self.fail(problem),
+        };
+        let recovered = self.failure.take().is_some();
+        if certificates == self.in_use {
+            if recovered {
+                tracing::info!(file = %self.file.display(), "upstream CA file usable again; unchanged");
+            }
+            return Check::Unchanged;
+        }
+        if let Err(error) = self.trust.replace_extra_roots(&certificates) {
+            return self.fail(error.to_string());
+        }
+        self.count("success");
+        tracing::info!(
+            file = %self.file.display(),
+            certificates = certificates.len(),
+            "upstream CA file reloaded; new upstream connections trust it"
+        );
+        self.in_use = certificates;
+        Check::Reloaded
+    }
+
+    fn fail(&mut self, problem: String) -> Check {
+        if self.failure.as_ref() != Some(&problem) {
+            tracing::error!(
+                error = %problem,
+                "upstream CA file reload failed; keeping the roots in use"
+            );
+            self.count("failure");
+            self.failure = Some(problem);
+        }
+        Check::Failed
+    }
+
+    fn count(&self, outcome: &'static str) {
+        self.metrics
+            .ca_reloads
             .get_or_create(&OutcomeLabels { outcome })
             .inc();
     }
@@ -430,5 +532,137 @@ mod tests {
         tokio::time::sleep(interval).await;
         assert_eq!(tokens.mint_counts().rotation, 2);
         task.abort();
+    }
+
+    mod ca_file {
+        use super::*;
+        use std::collections::HashMap;
+
+        use idmatch_mock::TestPki;
+
+        use crate::config::Config;
+
+        struct Fixture {
+            dir: tempfile::TempDir,
+            metrics: Arc<Metrics>,
+            reloader: CaReloader,
+        }
+
+        impl Fixture {
+            /// A proxy's configuration trusting `first`'s CA from `ca.pem`.
+            fn new(first: &TestPki) -> Self {
+                let dir = tempfile::tempdir().unwrap();
+                let file = dir.path().join("ca.pem");
+                first.write_ca(&file).unwrap();
+                let env = HashMap::from(
+                    [
+                        ("IDMATCH_KEY_ID", "kid"),
+                        ("IDMATCH_SECRET", SECRET_1),
+                        ("IDMATCH_UPSTREAM_CA_FILE", file.to_str().unwrap()),
+                    ]
+                    .map(|(k, v)| (k.to_owned(), v.to_owned())),
+                );
+                let upstream = Config::from_parts(None, &env).unwrap().config.upstream;
+                let (_client, trust) = crate::upstream::client(&upstream).unwrap();
+                let metrics = Arc::new(Metrics::new());
+                let interval = Duration::from_secs(1);
+                let reloader =
+                    CaReloader::new(&upstream, interval, trust, metrics.clone()).unwrap();
+                Self {
+                    dir,
+                    metrics,
+                    reloader,
+                }
+            }
+
+            fn write(&self, contents: impl AsRef<[u8]>) {
+                fs::write(self.dir.path().join("ca.pem"), contents).unwrap();
+            }
+
+            fn reloads(&self, outcome: &'static str) -> u64 {
+                self.metrics
+                    .ca_reloads
+                    .get_or_create(&OutcomeLabels { outcome })
+                    .get()
+            }
+        }
+
+        #[test]
+        fn a_changed_bundle_is_applied_once() {
+            let (a, b) = (TestPki::localhost(), TestPki::localhost());
+            let mut fixture = Fixture::new(&a);
+            assert_eq!(fixture.reloader.check(), Check::Unchanged);
+            // Rewritten with the same certificate, comments aside: nothing to apply.
+            fixture.write(format!("# the same CA\n{}", a.ca_pem()));
+            assert_eq!(fixture.reloader.check(), Check::Unchanged);
+
+            fixture.write(b.ca_pem());
+            assert_eq!(fixture.reloader.check(), Check::Reloaded);
+            assert_eq!(fixture.reloader.in_use, [b.ca_der()]);
+            assert_eq!(fixture.reloader.check(), Check::Unchanged);
+            fixture.write(format!("{}{}", a.ca_pem(), b.ca_pem()));
+            assert_eq!(fixture.reloader.check(), Check::Reloaded);
+            assert_eq!(fixture.reloader.in_use, [a.ca_der(), b.ca_der()]);
+            assert_eq!(
+                (fixture.reloads("success"), fixture.reloads("failure")),
+                (2, 0)
+            );
+        }
+
+        #[test]
+        fn an_unusable_bundle_keeps_the_roots_and_is_counted_once() {
+            let (a, b) = (TestPki::localhost(), TestPki::localhost());
+            let mut fixture = Fixture::new(&a);
+            let shown = fixture.dir.path().join("ca.pem").display().to_string();
+            // The new contents (`None`: removed), the problem, and the failures counted so far.
+            let cases = [
+                (
+                    Some("no PEM here\n"),
+                    format!("{shown} holds no certificate"),
+                    1,
+                ),
+                (
+                    Some("-----BEGIN CERTIFICATE-----\nAQIDBA==\n"),
+                    format!("{shown} is not valid PEM"),
+                    2,
+                ),
+                (None, format!("cannot read {shown}"), 3),
+            ];
+            for (contents, problem, failures) in cases {
+                match contents {
+                    Some(contents) => fixture.write(contents),
+                    None => fs::remove_file(fixture.dir.path().join("ca.pem")).unwrap(),
+                }
+                for _ in 0..3 {
+                    assert_eq!(fixture.reloader.check(), Check::Failed, "{problem}");
+                }
+                let failure = fixture.reloader.failure.clone().unwrap();
+                assert!(failure.starts_with(&problem), "{failure}");
+                assert_eq!(fixture.reloads("failure"), failures, "{problem}");
+            }
+            assert_eq!(fixture.reloader.in_use, [a.ca_der()]);
+
+            // Repaired with the bundle in use: nothing to apply, but the next failure counts.
+            fixture.write(a.ca_pem());
+            assert_eq!(fixture.reloader.check(), Check::Unchanged);
+            fixture.write("");
+            assert_eq!(fixture.reloader.check(), Check::Failed);
+            assert_eq!(fixture.reloads("failure"), 4);
+            fixture.write(b.ca_pem());
+            assert_eq!(fixture.reloader.check(), Check::Reloaded);
+            assert_eq!(fixture.reloads("success"), 1);
+        }
+
+        #[test]
+        fn no_ca_file_needs_no_reloader() {
+            let env = HashMap::from(
+                [("IDMATCH_KEY_ID", "kid"), ("IDMATCH_SECRET", SECRET_1)]
+                    .map(|(k, v)| (k.to_owned(), v.to_owned())),
+            );
+            let upstream = Config::from_parts(None, &env).unwrap().config.upstream;
+            let (_client, trust) = crate::upstream::client(&upstream).unwrap();
+            let metrics = Arc::new(Metrics::new());
+            assert!(CaReloader::new(&upstream, Duration::from_secs(1), trust, metrics).is_none());
+        }
     }
 }

@@ -53,7 +53,7 @@ pub struct ErrorLabels {
 
 /// `upstream_retries{reason}`: after a connect failure, after a 401.
 const RETRY_REASONS: [&str; 2] = ["connect", "unauthorized"];
-/// `credential_reloads{outcome}`.
+/// `credential_reloads{outcome}`, `upstream_ca_reloads{outcome}`.
 const RELOAD_OUTCOMES: [&str; 2] = ["success", "failure"];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -101,6 +101,8 @@ pub struct Metrics {
     pub unauthorized_not_replayed: Counter,
     /// Re-reads of changed credential files, by outcome (`success` or `failure`).
     pub credential_reloads: Family<OutcomeLabels, Counter>,
+    /// Re-reads of a changed `upstream.ca_file`, by outcome.
+    pub ca_reloads: Family<OutcomeLabels, Counter>,
     token_mints: Family<TriggerLabels, Counter<u64, AtomicU64>>,
     token_expiry: Gauge,
 }
@@ -144,6 +146,7 @@ impl Metrics {
             retries: Family::default(),
             unauthorized_not_replayed: Counter::default(),
             credential_reloads: Family::default(),
+            ca_reloads: Family::default(),
             token_mints: Family::default(),
             token_expiry: Gauge::default(),
             registry: Registry::default(),
@@ -199,6 +202,11 @@ impl Metrics {
             metrics.credential_reloads.clone(),
         );
         registry.register(
+            "upstream_ca_reloads",
+            "Reloads of a changed upstream.ca_file, by outcome",
+            metrics.ca_reloads.clone(),
+        );
+        registry.register(
             "token_mints",
             "Tokens signed, by trigger (background, inline, rotation, reauth)",
             metrics.token_mints.clone(),
@@ -225,6 +233,7 @@ impl Metrics {
         }
         for outcome in RELOAD_OUTCOMES {
             (metrics.credential_reloads).get_or_create_owned(&OutcomeLabels { outcome });
+            (metrics.ca_reloads).get_or_create_owned(&OutcomeLabels { outcome });
         }
         let build_info = Family::<BuildLabels, Gauge>::default();
         build_info

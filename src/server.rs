@@ -29,7 +29,7 @@ use tokio::time::Instant;
 
 use crate::admin;
 use crate::config::{ClientLimits, Config, Credentials};
-use crate::credentials::Reloader;
+use crate::credentials::{CaReloader, Reloader};
 use crate::metrics::Metrics;
 use crate::observe::Observer;
 use crate::proxy::Proxy;
@@ -63,6 +63,8 @@ pub struct Server {
     /// Raised by the admin listener's `POST /quitquitquit`.
     quit: Arc<Notify>,
     credentials: Credentials,
+    /// Spawned by `serve`, with the credentials' reloader.
+    ca_reloader: Option<CaReloader>,
     limits: ClientLimits,
     redact_query: bool,
     drain_delay: Duration,
@@ -78,7 +80,7 @@ impl Server {
         config: &Config,
         clock: Arc<dyn Clock>,
     ) -> Result<Self, upstream::TlsSetupError> {
-        let client = upstream::client(&config.upstream)?;
+        let (client, trust) = upstream::client(&config.upstream)?;
         let signer = Signer::new(
             &config.credentials.key_id,
             config.credentials.secret.expose(),
@@ -86,7 +88,14 @@ impl Server {
         let tokens = Arc::new(TokenCache::new(signer, config.token.clone(), clock));
         let metrics = Arc::new(Metrics::new());
         let proxy = Arc::new(Proxy::new(config, client, tokens.clone(), metrics.clone()));
+        let ca_reloader = CaReloader::new(
+            &config.upstream,
+            config.credentials.reload_interval,
+            trust,
+            metrics.clone(),
+        );
         Ok(Self {
+            ca_reloader,
             proxy,
             tokens,
             metrics,
@@ -107,9 +116,13 @@ impl Server {
 
     /// Serves until `shutdown` resolves or the admin listener is asked to quit, then drains and
     /// stops (see the module doc).
-    pub async fn serve(self, listeners: Listeners, shutdown: impl Future<Output = ()>) {
+    pub async fn serve(mut self, listeners: Listeners, shutdown: impl Future<Output = ()>) {
         let refresher = tokio::spawn(self.tokens.clone().run_refresher());
         let reloader = Reloader::new(&self.credentials, self.tokens.clone(), self.metrics.clone())
+            .map(|reloader| tokio::spawn(reloader.run()));
+        let ca_reloader = self
+            .ca_reloader
+            .take()
             .map(|reloader| tokio::spawn(reloader.run()));
         let admin = tokio::spawn(admin::serve(
             listeners.admin,
@@ -201,7 +214,7 @@ impl Server {
         }
         refresher.abort();
         admin.abort();
-        if let Some(reloader) = reloader {
+        for reloader in [reloader, ca_reloader].into_iter().flatten() {
             reloader.abort();
         }
     }

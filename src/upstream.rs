@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use base64::Engine as _;
 use http::uri::{Authority, Scheme};
 use http::{HeaderValue, StatusCode, Uri};
@@ -17,6 +18,7 @@ use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder, MaybeHttpsStream};
 use hyper_util::client::legacy::connect::dns::Name;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioIo;
+use rustls::pki_types::CertificateDer;
 use rustls::RootCertStore;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -39,8 +41,9 @@ pub enum TlsSetupError {
 
 /// Builds the client: rustls with the configured roots, ALPN `h2` then `http/1.1`, TCP_NODELAY,
 /// a tunnel through the egress proxy if one is configured, a bound on connecting (TCP, tunnel
-/// and TLS), and `https://` only unless plain HTTP was explicitly allowed.
-pub fn client(upstream: &Upstream) -> Result<UpstreamClient, TlsSetupError> {
+/// and TLS), and `https://` only unless plain HTTP was explicitly allowed. The [`Trust`]
+/// replaces the `upstream.ca_file` roots of the connections it makes from then on.
+pub fn client(upstream: &Upstream) -> Result<(UpstreamClient, Trust), TlsSetupError> {
     let mut roots = RootCertStore::empty();
     match upstream.roots {
         Roots::Webpki => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
@@ -53,14 +56,6 @@ pub fn client(upstream: &Upstream) -> Result<UpstreamClient, TlsSetupError> {
             }
         }
     }
-    // Each was checked to be a usable trust anchor when the configuration was loaded.
-    roots.add_parsable_certificates(upstream.extra_roots.iter().cloned());
-
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
 
     let mut http = HttpConnector::new_with_resolver(Resolver::default());
     http.enforce_http(false);
@@ -74,23 +69,76 @@ pub fn client(upstream: &Upstream) -> Result<UpstreamClient, TlsSetupError> {
         );
     }
 
+    let allow_insecure_http = upstream.allow_insecure_http;
+    let https = https(&roots, &upstream.extra_roots, &egress, allow_insecure_http)?;
+    let trust = Trust {
+        https: Arc::new(ArcSwap::from_pointee(https)),
+        roots: Arc::new(roots),
+        egress,
+        allow_insecure_http,
+    };
+    let connector = Connector {
+        https: trust.https.clone(),
+        timeout: upstream.connect_timeout,
+    };
+    let client = UpstreamClient::new(
+        connector,
+        upstream.scheme.clone(),
+        upstream.authority.clone(),
+    );
+    Ok((client, trust))
+}
+
+/// The certificates new upstream connections are verified against: `upstream.roots`, loaded
+/// once, and the `upstream.ca_file` bundle, replaceable while serving
+/// ([`crate::credentials::CaReloader`]). Connections already open are not verified again.
+#[derive(Clone)]
+pub struct Trust {
+    /// Shared with the [`Connector`], which takes the current one for each connection.
+    https: Arc<ArcSwap<HttpsConnector<Egress>>>,
+    roots: Arc<RootCertStore>,
+    egress: Egress,
+    allow_insecure_http: bool,
+}
+
+impl Trust {
+    /// New connections trust `roots` plus `extra`. A fresh TLS configuration, so no session
+    /// made under the previous roots is resumed without verification.
+    pub fn replace_extra_roots(
+        &self,
+        extra: &[CertificateDer<'static>],
+    ) -> Result<(), TlsSetupError> {
+        let https = https(&self.roots, extra, &self.egress, self.allow_insecure_http)?;
+        self.https.store(Arc::new(https));
+        Ok(())
+    }
+}
+
+/// The HTTPS connector trusting `roots` plus `extra`.
+fn https(
+    roots: &RootCertStore,
+    extra: &[CertificateDer<'static>],
+    egress: &Egress,
+    allow_insecure_http: bool,
+) -> Result<HttpsConnector<Egress>, TlsSetupError> {
+    let mut roots = roots.clone();
+    // Each was checked to be a usable trust anchor when the file was read.
+    roots.add_parsable_certificates(extra.iter().cloned());
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
     let schemes = HttpsConnectorBuilder::new().with_tls_config(tls);
-    let schemes = if upstream.allow_insecure_http {
+    let schemes = if allow_insecure_http {
         schemes.https_or_http()
     } else {
         schemes.https_only()
     };
-    let https = schemes.enable_http1().enable_http2().wrap_connector(egress);
-    let connector = Connector {
-        https,
-        timeout: upstream.connect_timeout,
-    };
-
-    Ok(UpstreamClient::new(
-        connector,
-        upstream.scheme.clone(),
-        upstream.authority.clone(),
-    ))
+    Ok(schemes
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(egress.clone()))
 }
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -106,7 +154,8 @@ pub struct ConnectTimeout(Duration);
 /// The HTTPS connector with one deadline over TCP connect, tunnel and TLS handshake together.
 #[derive(Clone, Debug)]
 pub struct Connector {
-    https: HttpsConnector<Egress>,
+    /// The current one, as [`Trust`] last set it.
+    https: Arc<ArcSwap<HttpsConnector<Egress>>>,
     timeout: Duration,
 }
 
@@ -115,12 +164,14 @@ impl tower::Service<Uri> for Connector {
     type Error = BoxError;
     type Future = Connecting;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        self.https.poll_ready(cx)
+    /// Always ready, as the TCP connector under it is; so `call` may use whichever HTTPS
+    /// connector is current by then.
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, uri: Uri) -> Connecting {
-        let connecting = self.https.call(uri);
+        let connecting = HttpsConnector::clone(&self.https.load()).call(uri);
         let timeout = self.timeout;
         Box::pin(async move {
             match tokio::time::timeout(timeout, connecting).await {

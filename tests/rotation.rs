@@ -214,8 +214,13 @@ impl KeyTableUpstream {
     }
 }
 
-/// A proxy reading its credentials from `mount`, re-read every `RELOAD_INTERVAL`.
-async fn proxy_over(upstream: &KeyTableUpstream, pki: &TestPki, mount: &SecretMount) -> Proxy {
+/// A proxy reading its credentials from `mount`, re-read every `RELOAD_INTERVAL`; with the
+/// settings, which must outlive it: their directory holds the CA file, re-read too.
+async fn proxy_over(
+    upstream: &KeyTableUpstream,
+    pki: &TestPki,
+    mount: &SecretMount,
+) -> (Proxy, ProxyConfig) {
     let mut config = ProxyConfig::new(&upstream.server.url(BASE), pki);
     config.env.remove("IDMATCH_KEY_ID");
     config.env.remove("IDMATCH_SECRET");
@@ -229,7 +234,7 @@ async fn proxy_over(upstream: &KeyTableUpstream, pki: &TestPki, mount: &SecretMo
             mount.path("secret").to_str().unwrap(),
         )
         .set("IDMATCH_CREDENTIALS_RELOAD_INTERVAL", "50ms");
-    Proxy::start(&config).await
+    (Proxy::start(&config).await, config)
 }
 
 const CLIENTS: usize = 4;
@@ -259,7 +264,7 @@ async fn rotation_under_load_fails_no_request() {
     let pki = TestPki::localhost();
     let mut upstream = KeyTableUpstream::start(&pki).await;
     let mut mount = SecretMount::new(KID_1, SECRET_1);
-    let proxy = proxy_over(&upstream, &pki, &mount).await;
+    let (proxy, _config) = proxy_over(&upstream, &pki, &mount).await;
     let stop = Arc::new(AtomicBool::new(false));
 
     let run = async {
@@ -366,7 +371,7 @@ async fn a_failed_reload_keeps_serving_with_the_old_credentials() {
     let pki = TestPki::localhost();
     let mut upstream = KeyTableUpstream::start(&pki).await;
     let mut mount = SecretMount::new(KID_1, SECRET_1);
-    let proxy = proxy_over(&upstream, &pki, &mount).await;
+    let (proxy, _config) = proxy_over(&upstream, &pki, &mount).await;
     let client = http1();
     let url = proxy.url("/sim-swap");
     assert_eq!(send(&client, get(&url)).await.status, StatusCode::OK);
@@ -397,4 +402,79 @@ async fn a_failed_reload_keeps_serving_with_the_old_credentials() {
     for secret in [SECRET_1, SECRET_2] {
         assert!(lines.iter().all(|line| !line.contains(secret)), "{lines:?}");
     }
+}
+
+/// Replaces `path` the way a ConfigMap or Secret volume update does: whole, by a rename.
+fn replace(path: &Path, contents: impl AsRef<[u8]>) {
+    let next = path.with_extension("next");
+    fs::write(&next, contents).unwrap();
+    fs::rename(&next, path).unwrap();
+}
+
+// A current-thread runtime, so that the proxy's tasks log to this thread's subscriber.
+#[tokio::test]
+async fn a_replaced_ca_file_is_trusted_by_new_connections_without_a_restart() {
+    let (_guard, mut logs) = capture_logs();
+    let (a, b) = (TestPki::localhost(), TestPki::localhost());
+    // The upstream's certificate is from CA B. HTTP/1.1 and `Connection: close`: every request
+    // opens a new connection, so each one shows the roots trusted at that moment.
+    let upstream = Upstream::builder()
+        .tls(&b)
+        .alpn(&[b"http/1.1"])
+        .handler(|_| async {
+            let mut response = json(StatusCode::OK, json!({ "ok": true }));
+            let close = http::HeaderValue::from_static("close");
+            response
+                .headers_mut()
+                .insert(http::header::CONNECTION, close);
+            response
+        })
+        .start()
+        .await;
+    // The proxy trusts CA A, from a file re-read every 50 ms.
+    let config = ProxyConfig::new(&upstream.url(BASE), &a)
+        .set("IDMATCH_CREDENTIALS_RELOAD_INTERVAL", "50ms");
+    let proxy = Proxy::start(&config).await;
+    let client = http1();
+    let url = proxy.url("/sim-swap");
+    let failures = "idmatch_proxy_upstream_ca_reloads_total{outcome=\"failure\"}";
+    let successes = "idmatch_proxy_upstream_ca_reloads_total{outcome=\"success\"}";
+
+    let answer = send(&client, get(&url)).await;
+    assert_eq!(answer.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(answer.json()["error"]["code"], "tls_certificate_error");
+    assert_eq!(upstream.request_count(), 0);
+
+    replace(&config.ca_file(), b.ca_pem());
+    let mut lines = wait_for_log(&mut logs, "upstream CA file reloaded").await;
+    for _ in 0..3 {
+        assert_eq!(send(&client, get(&url)).await.status, StatusCode::OK);
+    }
+    assert_eq!(
+        upstream.tls_handshakes_completed(),
+        3,
+        "a new connection each"
+    );
+    assert_eq!(scrape(proxy.admin, successes).await, 1.0);
+
+    // Unusable: reported once, however many checks see it; new connections still trust B.
+    replace(&config.ca_file(), "not a certificate\n");
+    lines.extend(wait_for_log(&mut logs, "upstream CA file reload failed").await);
+    let problem = format!("{} holds no certificate", config.ca_file().display());
+    assert!(lines.last().unwrap().contains(&problem), "{lines:?}");
+    for _ in 0..3 {
+        assert_eq!(send(&client, get(&url)).await.status, StatusCode::OK);
+    }
+    assert_eq!(upstream.tls_handshakes_completed(), 6);
+
+    // Back to A alone: new connections no longer trust the upstream.
+    replace(&config.ca_file(), a.ca_pem());
+    lines.extend(wait_for_log(&mut logs, "upstream CA file reloaded").await);
+    let answer = send(&client, get(&url)).await;
+    assert_eq!(answer.json()["error"]["code"], "tls_certificate_error");
+    assert_eq!(upstream.request_count(), 6);
+    assert_eq!(scrape(proxy.admin, failures).await, 1.0);
+    assert_eq!(scrape(proxy.admin, successes).await, 2.0);
+    let reported = lines.iter().filter(|l| l.contains("reload failed")).count();
+    assert_eq!(reported, 1, "{lines:?}");
 }
