@@ -48,139 +48,20 @@ const fn identity(
 
 /// The table of fact sheet §3.1, row for row; the SIM swaps cycle through the four `range`
 /// answers.
+#[rustfmt::skip]
 pub(crate) const IDENTITIES: [Identity; 12] = [
-    identity(
-        [
-            "+31610000001",
-            "Joris",
-            "Verhoeven",
-            "123",
-            "1234 AB",
-            "1963-12-31",
-        ],
-        LONG_AGO,
-    ),
-    identity(
-        [
-            "+31610000002",
-            "Anna",
-            "Jansen",
-            "456",
-            "5678 CD",
-            "2019-03-01",
-        ],
-        HOURS_AGO,
-    ),
-    identity(
-        [
-            "+31610000003",
-            "Lars",
-            "De Vries",
-            "789",
-            "9012 EF",
-            "1995-07-15",
-        ],
-        DAYS_AGO,
-    ),
-    identity(
-        [
-            "+4915100000001",
-            "Hans",
-            "Mueller",
-            "123",
-            "12345",
-            "2018-12-31",
-        ],
-        DAYS_AGO_10,
-    ),
-    identity(
-        [
-            "+4915100000002",
-            "Greta",
-            "Schmidt",
-            "456",
-            "67890",
-            "1968-03-22",
-        ],
-        LONG_AGO,
-    ),
-    identity(
-        [
-            "+4915100000003",
-            "Felix",
-            "Wagner",
-            "789",
-            "54321",
-            "1987-11-09",
-        ],
-        HOURS_AGO,
-    ),
-    identity(
-        [
-            "+447710000001",
-            "James",
-            "Smith",
-            "123",
-            "AB12 3CD",
-            "1980-09-28",
-        ],
-        DAYS_AGO,
-    ),
-    identity(
-        [
-            "+447710000002",
-            "Emma",
-            "Brown",
-            "456",
-            "EF45 6GH",
-            "2016-12-31",
-        ],
-        DAYS_AGO_10,
-    ),
-    identity(
-        [
-            "+447710000003",
-            "Oliver",
-            "Taylor",
-            "789",
-            "IJ78 9KL",
-            "1992-05-17",
-        ],
-        LONG_AGO,
-    ),
-    identity(
-        [
-            "+33610000001",
-            "Pierre",
-            "Dubois",
-            "123",
-            "12345",
-            "1988-04-12",
-        ],
-        HOURS_AGO,
-    ),
-    identity(
-        [
-            "+33610000002",
-            "Sophie",
-            "Martin",
-            "456",
-            "67890",
-            "2020-12-31",
-        ],
-        DAYS_AGO,
-    ),
-    identity(
-        [
-            "+33610000003",
-            "Antoine",
-            "Leroy",
-            "789",
-            "54321",
-            "2001-09-0",
-        ],
-        DAYS_AGO_10,
-    ),
+    identity(["+31610000001", "Joris", "Verhoeven", "123", "1234 AB", "1963-12-31"], LONG_AGO),
+    identity(["+31610000002", "Anna", "Jansen", "456", "5678 CD", "2019-03-01"], HOURS_AGO),
+    identity(["+31610000003", "Lars", "De Vries", "789", "9012 EF", "1995-07-15"], DAYS_AGO),
+    identity(["+4915100000001", "Hans", "Mueller", "123", "12345", "2018-12-31"], DAYS_AGO_10),
+    identity(["+4915100000002", "Greta", "Schmidt", "456", "67890", "1968-03-22"], LONG_AGO),
+    identity(["+4915100000003", "Felix", "Wagner", "789", "54321", "1987-11-09"], HOURS_AGO),
+    identity(["+447710000001", "James", "Smith", "123", "AB12 3CD", "1980-09-28"], DAYS_AGO),
+    identity(["+447710000002", "Emma", "Brown", "456", "EF45 6GH", "2016-12-31"], DAYS_AGO_10),
+    identity(["+447710000003", "Oliver", "Taylor", "789", "IJ78 9KL", "1992-05-17"], LONG_AGO),
+    identity(["+33610000001", "Pierre", "Dubois", "123", "12345", "1988-04-12"], HOURS_AGO),
+    identity(["+33610000002", "Sophie", "Martin", "456", "67890", "2020-12-31"], DAYS_AGO),
+    identity(["+33610000003", "Antoine", "Leroy", "789", "54321", "2001-09-0"], DAYS_AGO_10),
 ];
 
 pub(crate) fn identity_of(phone_number: &str) -> Option<&'static Identity> {
