@@ -1370,10 +1370,18 @@ fn read_bounded(file: &Path, limit: u64) -> Result<Vec<u8>, String> {
     Ok(bytes)
 }
 
-/// A PEM bundle of CA certificates, each checked to be usable as a trust anchor.
-pub fn read_certificates(file: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let pem = read_bounded(file, MAX_CA_FILE)?;
-    let certificates = CertificateDer::pem_slice_iter(&pem)
+fn read_certificates(file: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    read_ca_file(file).and_then(|pem| parse_certificates(file, &pem))
+}
+
+/// The bytes of a CA bundle, bounded.
+pub fn read_ca_file(file: &Path) -> Result<Vec<u8>, String> {
+    read_bounded(file, MAX_CA_FILE)
+}
+
+/// The CA certificates of `file`'s PEM, each checked to be usable as a trust anchor.
+pub fn parse_certificates(file: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certificates = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("{} is not valid PEM: {e}", file.display()))?;
     if certificates.is_empty() {

@@ -21,7 +21,9 @@ use std::time::Duration;
 
 use rustls::pki_types::CertificateDer;
 
-use crate::config::{read_certificates, read_credential, Credentials, Secret, Upstream};
+use crate::config::{
+    parse_certificates, read_ca_file, read_credential, Credentials, Secret, Upstream,
+};
 use crate::metrics::{Metrics, OutcomeLabels};
 use crate::token::{Signer, TokenCache};
 use crate::upstream::Trust;
@@ -190,6 +192,8 @@ pub struct CaReloader {
     interval: Duration,
     /// What new connections trust now, besides `upstream.roots`.
     in_use: Vec<CertificateDer<'static>>,
+    /// The file's bytes when they last gave `in_use`; empty until the first check.
+    seen: Vec<u8>,
     trust: Trust,
     /// The last problem reported, so that a file that stays broken is reported once.
     failure: Option<String>,
@@ -208,6 +212,7 @@ impl CaReloader {
             file: upstream.ca_file.clone()?,
             interval,
             in_use: upstream.extra_roots.clone(),
+            seen: Vec::new(),
             trust,
             failure: None,
             metrics,
@@ -223,30 +228,39 @@ impl CaReloader {
         .await
     }
 
-    /// Reads the file once and applies it if it changed.
+    /// Reads the file once and applies it if its certificates changed.
     pub fn check(&mut self) -> Check {
-        let certificates = match read_certificates(&self.file) {
-            Ok(certificates) => certificates,
+        let pem = match read_ca_file(&self.file) {
+            Ok(pem) => pem,
             Err(problem) => return self.fail(problem),
         };
-        let recovered = self.failure.take().is_some();
-        if certificates == self.in_use {
-            if recovered {
-                tracing::info!(file = %self.file.display(), "upstream CA file usable again; unchanged");
+        // Parsing and checking a whole public bundle every second would be wasted on bytes
+        // already seen: most checks stop at this comparison.
+        if pem != self.seen {
+            let certificates = match parse_certificates(&self.file, &pem) {
+                Ok(certificates) => certificates,
+                Err(problem) => return self.fail(problem),
+            };
+            if certificates != self.in_use {
+                if let Err(error) = self.trust.replace_extra_roots(&certificates) {
+                    return self.fail(error.to_string());
+                }
+                self.failure = None;
+                self.count("success");
+                tracing::info!(
+                    file = %self.file.display(),
+                    certificates = certificates.len(),
+                    "upstream CA file reloaded; new upstream connections trust it"
+                );
+                (self.in_use, self.seen) = (certificates, pem);
+                return Check::Reloaded;
             }
-            return Check::Unchanged;
+            self.seen = pem;
         }
-        if let Err(error) = self.trust.replace_extra_roots(&certificates) {
-            return self.fail(error.to_string());
+        if self.failure.take().is_some() {
+            tracing::info!(file = %self.file.display(), "upstream CA file usable again; unchanged");
         }
-        self.count("success");
-        tracing::info!(
-            file = %self.file.display(),
-            certificates = certificates.len(),
-            "upstream CA file reloaded; new upstream connections trust it"
-        );
-        self.in_use = certificates;
-        Check::Reloaded
+        Check::Unchanged
     }
 
     fn fail(&mut self, problem: String) -> Check {
