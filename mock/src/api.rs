@@ -59,7 +59,7 @@ pub const SESSION_PATH: &str = "/v1/dm/session/";
 const MAX_BODY_BYTES: usize = 64 * 1024;
 
 /// Where the rate limit reads arrival times from.
-pub type Clock = Arc<dyn Fn() -> Instant + Send + Sync>;
+type Clock = Arc<dyn Fn() -> Instant + Send + Sync>;
 
 /// The mock. Cheap to clone; clones share their sessions and their rate-limit window.
 #[derive(Clone)]
