@@ -7,11 +7,13 @@
 //!
 //! 1. [`Layers`] collects the raw text of each key with its [`Origin`] (default < file < env);
 //! 2. each key is parsed into its type, then cross-key rules are checked;
-//! 3. the secret and CA files the settings name are read.
+//! 3. the secret and CA files the settings name are read; a relative path from the file is
+//!    taken from the file's directory.
 //!
 //! Every failure is one [`ConfigError`] naming the key as the operator wrote it (the environment
 //! variable or the file key and file), and what was expected. The secret never appears in an
-//! error, in `Debug` output, or in [`Loaded::render`].
+//! error, in `Debug` output, or in [`Loaded::render`]. An `IDMATCH_*` variable that no key reads
+//! is not an error but is reported by [`unknown_variables`], for the caller to warn about.
 
 use std::collections::HashMap;
 use std::fmt;
