@@ -17,13 +17,11 @@ use std::{
 use clap::{Args, Parser, Subcommand};
 use idmatch_mock::{
     api::{BASE_PATHS, VERIFICATION_BASE_PATHS},
+    demo::{Demo, Ports, DEV_KEY_ID, DEV_SECRET},
     MockApi, Server, TestPki,
 };
 use idmatch_proxy::config::read_credential;
 use tracing_subscriber::EnvFilter;
-
-const DEV_KEY_ID: &str = "dev-key-id";
-const DEV_SECRET: &str = "dev-secret-not-for-production";
 
 /// sysexits.h EX_USAGE: the command line or environment is wrong.
 const EXIT_USAGE: u8 = 64;
@@ -56,6 +54,17 @@ struct Cli {
 enum Command {
     /// Serve the mock until SIGINT or SIGTERM (the default).
     Serve(Serve),
+    /// See the whole path work: the mock and two idmatch-proxy instances in this process (Mobile
+    /// Identity on 127.0.0.1:8080, the Verification service on 127.0.0.1:8081), one request to
+    /// each endpoint printed as the curl line that sends it, then serving until Ctrl-C.
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, Args)]
+struct DemoArgs {
+    /// Listen on free ports chosen by the system instead of 8080, 8081, 9901 and 9902.
+    #[arg(long)]
+    free_ports: bool,
 }
 
 #[derive(Debug, Args)]
@@ -104,7 +113,41 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command.unwrap_or(Command::Serve(cli.serve)) {
         Command::Serve(serve) => run(serve).await,
+        Command::Demo(args) => run_demo(args).await,
     }
+}
+
+async fn run_demo(args: DemoArgs) -> ExitCode {
+    let ports = match args.free_ports {
+        true => Ports::any(),
+        false => Ports::default(),
+    };
+    let shutdown = match shutdown_signal() {
+        Ok(shutdown) => shutdown,
+        Err(error) => return demo_failed(&format!("waiting for Ctrl-C: {error}")),
+    };
+    let demo = match Demo::start(ports).await {
+        Ok(demo) => demo,
+        Err(error) => return demo_failed(&error),
+    };
+    let mut out = io::stdout();
+    if let Err(error) = demo.describe(&mut out) {
+        return demo_failed(&error);
+    }
+    if let Err(error) = demo.tour(&mut out).await {
+        return demo_failed(&error);
+    }
+    println!("The curl lines above work as they are. Ctrl-C stops everything.");
+    shutdown.await;
+    match demo.stop().await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => demo_failed(&error),
+    }
+}
+
+fn demo_failed(error: &dyn std::fmt::Display) -> ExitCode {
+    eprintln!("mock-upstream demo: {error}");
+    ExitCode::FAILURE
 }
 
 async fn run(args: Serve) -> ExitCode {

@@ -4,6 +4,7 @@
 
 mod api;
 mod bin;
+mod demo;
 mod rate_limit;
 mod server;
 mod support;
