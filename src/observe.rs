@@ -131,16 +131,17 @@ impl Observer {
     /// peer and hyper's reason, never the bytes received.
     pub fn unparsed(&self, peer: SocketAddr, error: &hyper::Error) {
         let reason = error.to_string();
-        let (status, code) = if !error.is_parse_too_large() {
-            (StatusCode::BAD_REQUEST, "http_request_error")
-        // hyper tells its two size limits apart only in words.
-        } else if reason == "URI too long" {
-            (StatusCode::URI_TOO_LONG, "http_request_denied")
+        // hyper tells its two size limits (the head, the target) apart only in words.
+        let status = match (error.is_parse_too_large(), reason.as_str()) {
+            (false, _) => StatusCode::BAD_REQUEST,
+            (true, "URI too long") => StatusCode::URI_TOO_LONG,
+            (true, _) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+        };
+        // Over a limit of the proxy's is a refusal by policy, as for 413 (see `ProxyError::code`).
+        let code = if error.is_parse_too_large() {
+            "http_request_denied"
         } else {
-            (
-                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                "http_request_denied",
-            )
+            "http_request_error"
         };
         self.metrics.count_unparsed(status);
         self.metrics
