@@ -11,7 +11,7 @@
 //! - [`error`]: what fails, and the one place that renders it as a JSON 4xx/502/503/504.
 //! - [`server`]: listeners, connection timeouts, drain and shutdown.
 //! - [`observe`]: per-request id, in-flight limit, access log and metrics.
-//! - [`admin`]: `/livez`, `/readyz`, `/metrics` on their own listener.
+//! - [`admin`]: `/livez`, `/readyz`, `/metrics`, and `/quitquitquit` (loopback) on their own listener.
 //! - [`metrics`]: the Prometheus registry; [`telemetry`]: logging.
 //!
 //! [`run`] serves on listeners the caller bound, until `shutdown` resolves.
