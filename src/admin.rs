@@ -14,6 +14,7 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 
 use crate::metrics::Metrics;
+use crate::pace::Pacer;
 use crate::token::TokenCache;
 
 /// What the endpoints report on.
@@ -22,6 +23,9 @@ pub struct State {
     pub tokens: Arc<TokenCache>,
     pub metrics: Arc<Metrics>,
     pub draining: Arc<AtomicBool>,
+    /// The rate limiter, if on, for the seconds until its next free slot. Readiness never
+    /// asks it: traffic must not stop because Redis did.
+    pub pacer: Option<Arc<Pacer>>,
 }
 
 /// Serves the admin endpoints until the task is aborted.
@@ -58,6 +62,10 @@ fn answer<B>(state: &State, request: &Request<B>) -> Response<Full<Bytes>> {
         "/livez" => json(StatusCode::OK, r#"{"status":"alive"}"#),
         "/readyz" => readiness(state),
         "/metrics" => {
+            if let Some(pacer) = &state.pacer {
+                let free_in = pacer.seconds_until_free();
+                state.metrics.rate_limit_next_free.set(free_in);
+            }
             let mut response =
                 Response::new(Full::new(Bytes::from(state.metrics.render(&state.tokens))));
             response.headers_mut().insert(

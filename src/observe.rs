@@ -18,7 +18,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::error::{ProxyError, ProxyErrorCode};
 use crate::metrics::{ErrorLabels, Metrics};
-use crate::proxy::{Proxy, ProxyBody};
+use crate::proxy::{Paced, Proxy, ProxyBody};
 use crate::server::Activity;
 
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -83,6 +83,7 @@ impl Observer {
             status: None,
             code: None,
             upstream_ms: None,
+            paced_ms: None,
             bytes: 0,
             complete: false,
             metrics: self.metrics.clone(),
@@ -102,6 +103,10 @@ impl Observer {
         let to_headers = started.elapsed();
 
         finish.status = Some(response.status());
+        finish.paced_ms = response
+            .extensions()
+            .get::<Paced>()
+            .map(|paced| paced.0.as_secs_f64() * 1e3);
         finish.code = response.extensions().get::<ProxyErrorCode>().map(|c| c.0);
         match finish.code {
             Some(code) => {
@@ -159,6 +164,8 @@ struct Finish {
     status: Option<StatusCode>,
     code: Option<&'static str>,
     upstream_ms: Option<f64>,
+    /// Time spent waiting for the credential's send slot (`rate_limit`).
+    paced_ms: Option<f64>,
     bytes: u64,
     /// The response body reached its end.
     complete: bool,
@@ -188,6 +195,7 @@ impl Drop for Finish {
             bytes = self.bytes,
             duration_ms = duration.as_secs_f64() * 1e3,
             upstream_ms = self.upstream_ms,
+            paced_ms = self.paced_ms,
             request_id = self.entry.request_id.to_str().unwrap_or("<binary>"),
             error = self.code,
             complete = self.complete,

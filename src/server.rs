@@ -113,6 +113,7 @@ impl Server {
                 tokens: self.tokens.clone(),
                 metrics: self.metrics.clone(),
                 draining: self.draining.clone(),
+                pacer: self.proxy.pacer().cloned(),
             },
         ));
         let observer = Arc::new(Observer::new(
