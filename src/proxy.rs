@@ -261,7 +261,9 @@ impl Proxy {
         if response.status() == StatusCode::TOO_MANY_REQUESTS {
             self.count_refusal("upstream");
         }
-        response.extensions_mut().insert(Paced(paced));
+        if self.pacer.is_some() {
+            response.extensions_mut().insert(Paced(paced));
+        }
         Ok((response, slot))
     }
 
@@ -297,7 +299,7 @@ impl Proxy {
                 .headers()
                 .get(RETRY_AFTER)
                 .and_then(|value| retry_after::parse(value, SystemTime::now()));
-            tracing::info!(
+            tracing::debug!(
                 status = status.as_u16(),
                 retry_after_ms = retry_after.map(|d| d.as_millis() as u64),
                 "the upstream asked us to slow down; holding the credential back"

@@ -106,7 +106,7 @@ impl Server {
     pub async fn serve(self, listeners: Listeners, shutdown: impl Future<Output = ()>) {
         let refresher = tokio::spawn(self.tokens.clone().run_refresher());
         let reloader = Reloader::new(&self.credentials, self.tokens.clone(), self.metrics.clone())
-            .map(|reloader| tokio::spawn(reloader.run()));
+            .map(|reloader| tokio::spawn(reloader.pacing(self.proxy.pacer().cloned()).run()));
         let admin = tokio::spawn(admin::serve(
             listeners.admin,
             admin::State {

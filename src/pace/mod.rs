@@ -16,7 +16,7 @@
 //! middle of the queue stays unused, one interval lost.
 
 mod local;
-mod redis;
+pub mod redis;
 pub mod retry_after;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -106,9 +106,10 @@ impl Pacer {
                 }
             }
         });
-        let local_interval = match (&settings.redis, &shared) {
-            (Some(_), _) => settings.interval.saturating_mul(settings.replicas),
-            (None, _) => settings.interval,
+        // Alone, this process keeps the whole budget; as the stand-in for the store, its share.
+        let local_interval = match settings.redis {
+            Some(_) => settings.interval.saturating_mul(settings.replicas),
+            None => settings.interval,
         };
         let pacer = Self {
             interval: settings.interval,
@@ -160,6 +161,15 @@ impl Pacer {
                 Ok(Err(error)) => shared.fall_back(&error.to_string()),
                 Err(_) => shared.fall_back("no answer within rate_limit.redis_timeout"),
             }
+        }
+    }
+
+    /// The key id was rotated: with the store, slots are reserved in the new credential's
+    /// budget from now on (replicas that have not seen the rotation yet keep the old one until
+    /// they do, within `credentials.reload_interval`).
+    pub fn key_id_changed(&self, key_id: &str) {
+        if let Some(shared) = &self.shared {
+            shared.store.set_key_id(key_id);
         }
     }
 

@@ -2,8 +2,10 @@
 //! read and moved by one server-side script per reservation, on the store's clock (`TIME`), so
 //! that the replicas' own clocks never decide the spacing.
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisError, Script};
 use sha2::{Digest, Sha256};
@@ -52,11 +54,13 @@ pub enum Answer {
     TooFar { wait: Duration },
 }
 
-/// One credential's key in the store.
+/// One credential's key in the store. Public for `benches/micro.rs`, which measures how many
+/// reservations a store sustains.
 pub struct Store {
     connection: ConnectionManager,
     script: Script,
-    key: String,
+    /// Replaced when the key id is rotated: a new credential has a budget of its own.
+    key: ArcSwap<String>,
     interval_us: u64,
 }
 
@@ -79,7 +83,7 @@ impl Store {
         Ok(Self {
             connection: ConnectionManager::new_lazy_with_config(client, config)?,
             script: Script::new(SCRIPT),
-            key: key_for(key_id),
+            key: ArcSwap::from_pointee(key_for(key_id)),
             interval_us: micros(interval),
         })
     }
@@ -87,7 +91,7 @@ impl Store {
     pub async fn reserve(&self, max_wait: Duration) -> Result<Answer, RedisError> {
         let (reserved, wait, next): (u8, u64, u64) = self
             .script
-            .key(&self.key)
+            .key(self.key.load().as_str())
             .arg("reserve")
             .arg(self.interval_us)
             .arg(micros(max_wait))
@@ -104,7 +108,7 @@ impl Store {
     pub async fn release(&self, next: u64) -> Result<bool, RedisError> {
         let (released, _, _): (u8, u64, u64) = self
             .script
-            .key(&self.key)
+            .key(self.key.load().as_str())
             .arg("release")
             .arg(self.interval_us)
             .arg(next)
@@ -117,12 +121,17 @@ impl Store {
     pub async fn push_back(&self, by: Duration) -> Result<(), RedisError> {
         let _: (u8, u64, u64) = self
             .script
-            .key(&self.key)
+            .key(self.key.load().as_str())
             .arg("push")
             .arg(micros(by))
             .invoke_async(&mut self.connection.clone())
             .await?;
         Ok(())
+    }
+
+    /// Reserves in `key_id`'s budget from now on.
+    pub fn set_key_id(&self, key_id: &str) {
+        self.key.store(Arc::new(key_for(key_id)));
     }
 
     /// Whether the store answers at all.

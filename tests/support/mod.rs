@@ -498,16 +498,20 @@ impl RedisServer {
             .unwrap_or_else(|e| panic!("redis-server did not restart on port {port}: {e}"));
     }
 
+    /// Where `redis-server` is installed, if it is.
+    pub fn program() -> Option<&'static str> {
+        ["/usr/bin/redis-server", "/usr/sbin/redis-server"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())
+    }
+
     /// Runs the server and waits for its "Ready to accept connections" line.
     fn spawn(&mut self, port: u16) -> Result<(), String> {
         use std::io::BufRead;
-        let program = ["/usr/bin/redis-server", "/usr/sbin/redis-server"]
-            .into_iter()
-            .find(|p| std::path::Path::new(p).exists())
-            .expect(
-                "redis-server is not installed; the rate-limit tests need a real one: \
+        let program = Self::program().expect(
+            "redis-server is not installed; the rate-limit tests need a real one: \
                  apt-get install -y redis-server (.ci/run installs it)",
-            );
+        );
         let mut command = std::process::Command::new(program);
         command.args(["--port", &port.to_string(), "--bind", "127.0.0.1"]);
         command.args(["--save", "", "--appendonly", "no", "--daemonize", "no"]);
