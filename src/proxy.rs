@@ -369,12 +369,14 @@ impl Proxy {
                 StatusCode::UNAUTHORIZED => {}
                 // Once, at the request's new slot, if that is within `rate_limit.max_wait`;
                 // otherwise the upstream's 429 is the answer.
-                StatusCode::TOO_MANY_REQUESTS if !waited_again => {
-                    let Some(turn) = self.reserve_again().await else {
+                StatusCode::TOO_MANY_REQUESTS if !waited_again && self.pacer.is_some() => {
+                    let Ok(turn) = self.turn_again().await else {
                         return Ok(response);
                     };
                     drain(response.into_body()).await;
-                    *paced += turn.wait().await;
+                    if let Some(turn) = turn {
+                        *paced += turn.wait().await;
+                    }
                     self.metrics.retries.get_or_create(&RATE_LIMITED).inc();
                     tracing::debug!("upstream answered 429; replayed at the next free slot");
                     (waited_again, resent) = (true, false);
@@ -396,7 +398,14 @@ impl Proxy {
                 self.metrics.unauthorized_replays_skipped.inc();
                 return Ok(response);
             }
+            // The replay counts against the rate limit like any request: it takes a slot.
+            let Ok(turn) = self.turn_again().await else {
+                return Ok(response);
+            };
             drain(response.into_body()).await;
+            if let Some(turn) = turn {
+                *paced += turn.wait().await;
+            }
             kept.headers.insert(AUTHORIZATION, self.tokens.reject(sent));
             self.metrics.retries.get_or_create(&UNAUTHORIZED).inc();
             tracing::debug!("upstream answered 401; replaying with a fresh token");
@@ -448,10 +457,14 @@ impl Proxy {
         Ok(response)
     }
 
-    /// A new send slot for replaying a request the upstream refused with 429, if one is free
-    /// within `rate_limit.max_wait` (the refusal has pushed the schedule back already).
-    async fn reserve_again(&self) -> Option<Turn<'_>> {
-        self.pacer.as_ref()?.reserve().await.ok()
+    /// A send slot for a replay (after a 401, or a 429 that has pushed the schedule back
+    /// already), if one is free within `rate_limit.max_wait`; none is needed with the limiter
+    /// off. Refused, the upstream's answer goes to the client as it is.
+    async fn turn_again(&self) -> Result<Option<Turn<'_>>, ProxyError> {
+        match &self.pacer {
+            Some(pacer) => pacer.reserve().await.map(Some),
+            None => Ok(None),
+        }
     }
 
     /// One exchange, waiting at most `upstream.response_timeout` for the response head. The

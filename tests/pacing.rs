@@ -391,6 +391,28 @@ async fn a_refused_fresh_token_stops_401_replays_until_a_request_succeeds() {
     assert_eq!(arrivals.count(), 7, "replayed again");
 }
 
+/// A 401's replay is a request like any other: it waits for a slot of its own.
+#[tokio::test]
+async fn a_401_replay_waits_for_its_own_slot() {
+    let pki = TestPki::localhost();
+    let (upstream, arrivals) = timed_upstream(&pki, |n| match n {
+        0 => {
+            let mut response = Response::new(full("{}"));
+            *response.status_mut() = StatusCode::UNAUTHORIZED;
+            response
+        }
+        _ => ok(n),
+    })
+    .await;
+    let config = paced(ProxyConfig::new(&upstream.url(BASE), &pki), "200ms", "5s");
+    let proxy = Proxy::start(&config).await;
+    assert_eq!(
+        call(proxy.url("/sim-swap"), "x").await.status,
+        StatusCode::OK
+    );
+    assert_spaced(&arrivals.times(), INTERVAL);
+}
+
 /// The shared budget is the credential's: a rotated key id reserves under its own key.
 #[tokio::test]
 async fn a_rotated_key_id_reserves_in_its_own_budget() {
