@@ -1,15 +1,18 @@
 //! The forwarder: one client request in, one upstream request out (sent again in two cases),
 //! bodies streamed both ways except small request bodies, kept for those cases.
 //!
-//! The two cases:
+//! The cases:
 //! - the upstream client failed before writing any byte of it
 //!   ([`SendError::never_written`]): once per exchange, as the upstream cannot have seen it;
-//! - the upstream answered 401: the token is re-minted and the request replayed, once.
+//! - the upstream answered 401: the token is re-minted and the request replayed, once (not at
+//!   all once a freshly minted token was refused: the credentials are wrong);
+//! - the upstream answered 429 (rate limiter on): replayed once at the credential's next free
+//!   send slot, if that is within `rate_limit.max_wait`.
 //!
-//! So the upstream receives a request at most twice, the second time because it asked to. Both
-//! need the body again, so a body whose length is known and at most
-//! `upstream.replay_buffer_bytes` is read into memory first ("kept"); any other body streams,
-//! with backpressure, and is never sent twice. A response timeout is never retried: the upstream
+//! So the upstream receives a request at most three times, the later ones because it asked to,
+//! each in a send slot of its own. All need the body again, so a body whose length is known
+//! and at most `upstream.replay_buffer_bytes` is read into memory first ("kept"); any other
+//! body streams, with backpressure, and is never sent twice. A response timeout is never retried: the upstream
 //! may be processing the request, and CM.com's calls are POSTs.
 
 use std::cell::RefCell;

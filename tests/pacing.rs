@@ -457,3 +457,31 @@ async fn a_rotated_key_id_reserves_in_its_own_budget() {
     );
     assert!(exists("new-key-id").await);
 }
+
+/// Redis unreachable from the start: the proxy starts, is ready, paces alone, and says so once.
+#[tokio::test]
+async fn an_unreachable_redis_at_start_is_not_fatal_and_logged_once() {
+    let pki = TestPki::localhost();
+    let (upstream, arrivals) = timed_upstream(&pki, ok).await;
+    let closed = refusing_port();
+    let config = paced(ProxyConfig::new(&upstream.url(BASE), &pki), "200ms", "5s")
+        .set(
+            "IDMATCH_RATE_LIMIT_REDIS_URL",
+            &format!("redis://{}", closed.addr),
+        )
+        .set("RUST_LOG", "info");
+    let mut proxy = Binary::serve(&config.env);
+    let ready = send(&http1(), get(&format!("http://{}/readyz", proxy.admin))).await;
+    assert_eq!(ready.status, StatusCode::OK, "readiness never asks Redis");
+    let answers = burst(&[(proxy.url("/sim-swap"), "x")], 3).await;
+    assert!(answers.iter().all(|a| a.status == StatusCode::OK));
+    assert_spaced(&arrivals.times(), INTERVAL);
+    assert_eq!(backend(proxy.admin, "fallback").await, 1.0);
+    proxy.signal("TERM");
+    let (_, logs) = proxy.finish(Duration::from_secs(10));
+    let warnings = logs
+        .iter()
+        .filter(|line| line.contains("the Redis store failed"))
+        .count();
+    assert_eq!(warnings, 1, "{logs:#?}");
+}
