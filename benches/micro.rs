@@ -218,6 +218,7 @@ fn pace(c: &mut Criterion) {
         connection: redis::IntoConnectionInfo::into_connection_info(redis.url().as_str()).unwrap(),
         url: redis.url(),
         password_file: None,
+        ca: None,
     });
     // Slots a microsecond apart, and room for all of them: every reservation succeeds.
     let store = runtime.block_on(async {

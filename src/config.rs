@@ -75,6 +75,9 @@ pub struct Redis {
     /// The URL as written (it holds no password: that one comes from a file).
     pub url: String,
     pub password_file: Option<PathBuf>,
+    /// For `rediss://`: the PEM CA bundle the store's certificate must chain to, instead of the
+    /// system's roots (`rate_limit.redis_ca_file`), and where it was read from.
+    pub ca: Option<(PathBuf, Vec<u8>)>,
 }
 
 /// What the proxy tolerates from the applications that call it.
@@ -420,6 +423,7 @@ enum Key {
     RateLimitReplicas,
     RateLimitRedisUrl,
     RateLimitRedisPasswordFile,
+    RateLimitRedisCaFile,
     RateLimitRedisTimeout,
 }
 
@@ -443,7 +447,7 @@ enum Toml {
 
 impl Key {
     /// The order of `Loaded::effective`, as in the example file.
-    const ALL: [Key; 38] = [
+    const ALL: [Key; 39] = [
         Key::Listen,
         Key::AdminListen,
         Key::DrainDelay,
@@ -481,6 +485,7 @@ impl Key {
         Key::RateLimitReplicas,
         Key::RateLimitRedisUrl,
         Key::RateLimitRedisPasswordFile,
+        Key::RateLimitRedisCaFile,
         Key::RateLimitRedisTimeout,
     ];
 
@@ -527,6 +532,7 @@ impl Key {
             Key::RateLimitReplicas => row("rate_limit.replicas", "IDMATCH_RATE_LIMIT_REPLICAS", Some("1"), Str(COUNT)),
             Key::RateLimitRedisUrl => row("rate_limit.redis_url", "IDMATCH_RATE_LIMIT_REDIS_URL", None, Str(REDIS_URL)),
             Key::RateLimitRedisPasswordFile => row("rate_limit.redis_password_file", "IDMATCH_RATE_LIMIT_REDIS_PASSWORD_FILE", None, Str(PATH)),
+            Key::RateLimitRedisCaFile => row("rate_limit.redis_ca_file", "IDMATCH_RATE_LIMIT_REDIS_CA_FILE", None, Str(PATH)),
             Key::RateLimitRedisTimeout => row("rate_limit.redis_timeout", "IDMATCH_RATE_LIMIT_REDIS_TIMEOUT", Some("200ms"), Str(DURATION)),
         }
     }
@@ -902,10 +908,30 @@ impl Layers {
             }
             None => connection,
         };
+        let ca = match self.optional(Key::RateLimitRedisCaFile, path)? {
+            Some(_) if !matches!(connection.addr(), redis::ConnectionAddr::TcpTls { .. }) => {
+                return Err(self.error(
+                    Key::RateLimitRedisCaFile,
+                    format!(
+                        "applies to rediss:// only; {} is redis://",
+                        Key::RateLimitRedisUrl.name()
+                    ),
+                ));
+            }
+            Some(file) => {
+                let error = |p| self.error(Key::RateLimitRedisCaFile, p);
+                // Checked as the upstream's CA file is; the store's client takes the PEM.
+                read_certificates(&file).map_err(error)?;
+                let pem = read_bounded(&file, MAX_CA_FILE).map_err(error)?;
+                Some((file, pem))
+            }
+            None => None,
+        };
         Ok(Redis {
             connection,
             url,
             password_file,
+            ca,
         })
     }
 
@@ -1061,6 +1087,9 @@ impl Layers {
                     }
                     Key::RateLimitRedisPasswordFile => {
                         path(&redis.and_then(|r| r.password_file.clone()))
+                    }
+                    Key::RateLimitRedisCaFile => {
+                        path(&redis.and_then(|r| r.ca.as_ref().map(|(file, _)| file.clone())))
                     }
                     Key::RateLimitRedisTimeout => show_duration(rate_limit.redis_timeout),
                 };
@@ -1619,7 +1648,8 @@ mod tests {
                 | "credentials.key_id_file"
                 | "client.max_body_bytes"
                 | "rate_limit.redis_url"
-                | "rate_limit.redis_password_file" => Origin::Default,
+                | "rate_limit.redis_password_file"
+                | "rate_limit.redis_ca_file" => Origin::Default,
                 "credentials.secret_file" | "credentials.secret" => {
                     Origin::Env("IDMATCH_SECRET_FILE")
                 }
@@ -1957,7 +1987,7 @@ mod tests {
                  client.max_in_flight, client.max_body_bytes, log.format, log.redact_query, \
                  rate_limit.interval, rate_limit.max_wait, rate_limit.max_queued, \
                  rate_limit.replicas, rate_limit.redis_url, rate_limit.redis_password_file, \
-                 rate_limit.redis_timeout)"
+                 rate_limit.redis_ca_file, rate_limit.redis_timeout)"
             )
         );
         assert!(file_error("\n[upstreams]\nurl = \"x\"")
@@ -2446,6 +2476,21 @@ mod tests {
             assert!(message.contains(wanted), "{message}");
             assert!(!message.contains("pw-in-url"), "{message}");
         }
+        let message = env_error(&[
+            ("IDMATCH_RATE_LIMIT_REDIS_URL", "redis://valkey:6379"),
+            ("IDMATCH_RATE_LIMIT_REDIS_CA_FILE", "/etc/ssl/ca.pem"),
+        ]);
+        assert_eq!(
+            message,
+            "IDMATCH_RATE_LIMIT_REDIS_CA_FILE (environment): applies to rediss:// only; \
+             rate_limit.redis_url is redis://"
+        );
+        let not_pem = temp_file(b"not a certificate");
+        let message = env_error(&[
+            ("IDMATCH_RATE_LIMIT_REDIS_URL", "rediss://valkey:6379"),
+            ("IDMATCH_RATE_LIMIT_REDIS_CA_FILE", path_of(&not_pem)),
+        ]);
+        assert!(message.contains("holds no certificate"), "{message}");
         let message = env_error(&[
             ("IDMATCH_RATE_LIMIT_REDIS_URL", "redis://valkey:6379"),
             (

@@ -485,3 +485,56 @@ async fn an_unreachable_redis_at_start_is_not_fatal_and_logged_once() {
         .count();
     assert_eq!(warnings, 1, "{logs:#?}");
 }
+
+/// `rediss://` with a private CA: the store's certificate is checked against
+/// `rate_limit.redis_ca_file`, and pacing is shared over TLS.
+#[tokio::test]
+async fn a_tls_store_with_a_private_ca_is_shared() {
+    let (cert, key, ca) = redis_certificates();
+    let redis = RedisServer::start_tls(&cert, &key, &ca);
+    let pki = TestPki::localhost();
+    let (upstream, arrivals) = timed_upstream(&pki, ok).await;
+    let ca_file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(ca_file.path(), &ca).unwrap();
+    let config = paced(ProxyConfig::new(&upstream.url(BASE), &pki), "200ms", "5s")
+        .set("IDMATCH_RATE_LIMIT_REDIS_URL", &redis.url())
+        .set(
+            "IDMATCH_RATE_LIMIT_REDIS_CA_FILE",
+            ca_file.path().to_str().unwrap(),
+        );
+    let proxy = Proxy::start(&config).await;
+    let answers = burst(&[(proxy.url("/sim-swap"), "x")], 3).await;
+    assert!(answers.iter().all(|a| a.status == StatusCode::OK));
+    assert_spaced(&arrivals.times(), INTERVAL);
+    assert_eq!(backend(proxy.admin, "shared").await, 1.0);
+    assert_eq!(
+        scrape(proxy.admin, "idmatch_proxy_rate_limit_redis_errors_total").await,
+        0.0
+    );
+
+    // Another CA: the handshake fails, and the replica paces alone rather than unpaced.
+    let (_, _, other_ca) = redis_certificates();
+    std::fs::write(ca_file.path(), &other_ca).unwrap();
+    let proxy = Proxy::start(&config).await;
+    assert_eq!(
+        call(proxy.url("/sim-swap"), "x").await.status,
+        StatusCode::OK
+    );
+    assert_eq!(backend(proxy.admin, "fallback").await, 1.0);
+}
+
+/// A CA, and a certificate and key for localhost signed by it, in PEM.
+fn redis_certificates() -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["localhost".to_owned()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    (cert.pem(), key.serialize_pem(), ca.pem())
+}

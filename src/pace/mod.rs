@@ -529,6 +529,7 @@ mod tests {
                     .unwrap(),
                 url,
                 password_file: None,
+                ca: None,
             }),
             ..settings(100, 10_000)
         };

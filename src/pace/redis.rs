@@ -73,7 +73,16 @@ impl Store {
         interval: Duration,
         timeout: Duration,
     ) -> Result<Self, RedisError> {
-        let client = redis::Client::open(settings.connection.clone())?;
+        let client = match &settings.ca {
+            Some((_, pem)) => {
+                let roots = redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem.clone()),
+                };
+                redis::Client::build_with_tls(settings.connection.clone(), roots)?
+            }
+            None => redis::Client::open(settings.connection.clone())?,
+        };
         // Our own timeout bounds each reservation; these bound what the manager does behind it.
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(timeout))

@@ -446,6 +446,8 @@ pub struct RedisServer {
     child: Option<std::process::Child>,
     pub port: u16,
     password: Option<String>,
+    /// Serving TLS only, with the certificate and key files written in `dir`.
+    tls: bool,
     dir: tempfile::TempDir,
 }
 
@@ -456,11 +458,24 @@ impl RedisServer {
 
     /// One that requires `AUTH password`.
     pub fn start_with_password(password: Option<&str>) -> Self {
+        Self::start_in(tempfile::tempdir().unwrap(), password, false)
+    }
+
+    /// One that speaks TLS only, presenting `cert` (PEM, for localhost) signed by `ca`.
+    pub fn start_tls(cert: &str, key: &str, ca: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
+        for (name, pem) in [("cert.pem", cert), ("key.pem", key), ("ca.pem", ca)] {
+            std::fs::write(dir.path().join(name), pem).unwrap();
+        }
+        Self::start_in(dir, None, true)
+    }
+
+    fn start_in(dir: tempfile::TempDir, password: Option<&str>, tls: bool) -> Self {
         let mut server = Self {
             child: None,
             port: 0,
             password: password.map(str::to_owned),
+            tls,
             dir,
         };
         // redis-server has no `--port 0`: take a free port and let it go. Another process may
@@ -479,7 +494,10 @@ impl RedisServer {
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        match self.tls {
+            true => format!("rediss://localhost:{}", self.port),
+            false => format!("redis://127.0.0.1:{}", self.port),
+        }
     }
 
     /// Kills it at once (SIGKILL): clients see their connections reset.
@@ -513,7 +531,21 @@ impl RedisServer {
                  apt-get install -y redis-server (.ci/run installs it)",
         );
         let mut command = std::process::Command::new(program);
-        command.args(["--port", &port.to_string(), "--bind", "127.0.0.1"]);
+        let port_arg = port.to_string();
+        match self.tls {
+            true => {
+                let file = |name: &str| self.dir.path().join(name).display().to_string();
+                command.args(["--port", "0", "--tls-port", &port_arg]);
+                command.args(["--tls-cert-file", &file("cert.pem")]);
+                command.args(["--tls-key-file", &file("key.pem")]);
+                command.args(["--tls-ca-cert-file", &file("ca.pem")]);
+                command.args(["--tls-auth-clients", "no"]);
+            }
+            false => {
+                command.args(["--port", &port_arg]);
+            }
+        }
+        command.args(["--bind", "127.0.0.1"]);
         command.args(["--save", "", "--appendonly", "no", "--daemonize", "no"]);
         command.arg("--dir").arg(self.dir.path());
         if let Some(password) = &self.password {
