@@ -134,13 +134,21 @@ impl Pacer {
     /// returned [`Turn`] until it is sent, or given back where it can when dropped before.
     pub async fn reserve(&self) -> Result<Turn<'_>, ProxyError> {
         let mut turn = self.enqueue()?;
-        turn.slot = Some(self.reserve_slot().await?);
+        let (slot, reservation, due) = self.reserve_slot(turn.started).await?;
+        turn.slot = Some((slot, reservation));
+        turn.due_when_reserved = due;
         Ok(turn)
     }
 
     /// [`Pacer::reserve`], then [`Turn::wait`].
     pub async fn wait_turn(&self) -> Result<Duration, ProxyError> {
-        Ok(self.reserve().await?.wait().await)
+        let turn = self.reserve().await?;
+        // The credential was idle: nothing can have moved a slot reserved a moment ago, so
+        // no second look (the common case stays one lock and two clock reads).
+        if turn.due_when_reserved {
+            return Ok(turn.sent());
+        }
+        Ok(turn.wait().await)
     }
 
     /// The upstream said 429 or 503: nothing is sent with the credential for `by` (its
@@ -197,11 +205,16 @@ impl Pacer {
             pacer: self,
             started: Instant::now(),
             slot: None,
+            due_when_reserved: false,
         })
     }
 
-    /// A slot from the store while it answers, else from the local schedule.
-    async fn reserve_slot(&self) -> Result<(Slot, Option<u64>), ProxyError> {
+    /// A slot from the store while it answers, else from the local schedule; whether it was
+    /// due at once. `started` is when the request asked.
+    async fn reserve_slot(
+        &self,
+        started: Instant,
+    ) -> Result<(Slot, Option<u64>, bool), ProxyError> {
         if let Some(shared) = self.shared_in_use() {
             let answer = tokio::time::timeout(shared.timeout, shared.store.reserve(self.max_wait));
             match answer.await {
@@ -210,21 +223,25 @@ impl Pacer {
                     let now = self.now();
                     self.saw_next_free(now + wait + self.interval);
                     let slot = lock(&self.local).adopt(now + wait);
-                    return Ok((slot, Some(next)));
+                    return Ok((slot, Some(next), wait.is_zero()));
                 }
                 Ok(Ok(redis::Answer::TooFar { wait })) => return Err(self.too_far(wait)),
                 Ok(Err(error)) => shared.fall_back(&error.to_string()),
                 Err(_) => shared.fall_back("no answer within rate_limit.redis_timeout"),
             }
         }
-        let now = self.now();
+        // After a failed round trip to the store, `started` is long past.
+        let now = match self.shared {
+            Some(_) => self.now(),
+            None => started - self.epoch,
+        };
         let (reserved, free_in) = {
             let mut local = lock(&self.local);
             (local.reserve(now, self.max_wait), local.free_in(now))
         };
         self.saw_next_free(now + free_in);
         match reserved {
-            Ok(slot) => Ok((slot, None)),
+            Ok(slot) => Ok((slot, None, slot.at <= now)),
             Err(wait) => Err(self.too_far(wait)),
         }
     }
@@ -308,12 +325,14 @@ pub struct Turn<'a> {
     started: Instant,
     /// The slot, and the store's reservation if it came from there; `None` once sent.
     slot: Option<(Slot, Option<u64>)>,
+    /// The slot was due when it was reserved.
+    due_when_reserved: bool,
 }
 
 impl Turn<'_> {
     /// Waits until the slot is due (no timer at all if it is already); returns how long the
     /// request was queued, reservation included.
-    pub async fn wait(mut self) -> Duration {
+    pub async fn wait(self) -> Duration {
         let pacer = self.pacer;
         if let Some((slot, _)) = self.slot {
             // A push-back while waiting moves the slot: look again when the timer fires.
@@ -325,10 +344,17 @@ impl Turn<'_> {
                 tokio::time::sleep_until(due).await;
             }
         }
-        // Sent from here on: nothing to give back.
+        self.sent()
+    }
+
+    /// The request goes now: nothing to give back from here on.
+    fn sent(mut self) -> Duration {
         self.slot = None;
         let waited = self.started.elapsed();
-        pacer.metrics.rate_limit_wait.observe(waited.as_secs_f64());
+        self.pacer
+            .metrics
+            .rate_limit_wait
+            .observe(waited.as_secs_f64());
         waited
     }
 }
