@@ -538,3 +538,36 @@ fn redis_certificates() -> (String, String, String) {
         .unwrap();
     (cert.pem(), key.serialize_pem(), ca.pem())
 }
+
+/// A client that goes away while it waits never sends; its slot, the last one, goes to the
+/// next request.
+#[tokio::test]
+async fn a_client_gone_while_waiting_never_sends_and_its_slot_is_given_back() {
+    let pki = TestPki::localhost();
+    let (upstream, arrivals) = timed_upstream(&pki, ok).await;
+    let config = paced(ProxyConfig::new(&upstream.url(BASE), &pki), "1s", "5s");
+    let proxy = Proxy::start(&config).await;
+    let url = proxy.url("/sim-swap");
+    assert_eq!(call(url.clone(), "x").await.status, StatusCode::OK);
+    let started = Instant::now();
+    let gone = tokio::spawn(call(url.clone(), "gone"));
+    let queued = "idmatch_proxy_rate_limit_queued";
+    while scrape(proxy.admin, queued).await != 1.0 {
+        tokio::task::yield_now().await;
+    }
+    gone.abort();
+    while scrape(proxy.admin, queued).await != 0.0 {
+        tokio::task::yield_now().await;
+    }
+    // The next takes the 1 s slot given back, not the 2 s one after it.
+    assert_eq!(call(url.clone(), "next").await.status, StatusCode::OK);
+    assert!(
+        started.elapsed() < Duration::from_millis(1900),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(arrivals.times_of("gone").is_empty());
+    assert_eq!(arrivals.count(), 2);
+    let given_back = "idmatch_proxy_rate_limit_abandoned_slots_total{outcome=\"given_back\"}";
+    assert_eq!(scrape(proxy.admin, given_back).await, 1.0);
+}

@@ -187,11 +187,6 @@ impl Pacer {
         next.saturating_sub(self.now()).as_secs_f64()
     }
 
-    /// The configured `rate_limit.max_wait`.
-    pub fn max_wait(&self) -> Duration {
-        self.max_wait
-    }
-
     fn enqueue(&self) -> Result<Turn<'_>, ProxyError> {
         if self.queued.fetch_add(1, Ordering::AcqRel) >= self.max_queued {
             self.queued.fetch_sub(1, Ordering::AcqRel);

@@ -468,6 +468,20 @@ mod tests {
 
     /// The coarse clock is the wall clock, a tick behind at most.
     #[test]
+    fn refused_credentials_last_until_new_ones_or_an_accepted_request() {
+        let cache = cache(ManualClock::at(T0));
+        assert!(!cache.credentials_refused());
+        cache.refuse_credentials();
+        cache.refuse_credentials();
+        assert!(cache.credentials_refused());
+        cache.accepted();
+        assert!(!cache.credentials_refused(), "a request succeeded");
+        cache.refuse_credentials();
+        cache.replace_signer(Signer::new("kid", b"rotated"));
+        assert!(!cache.credentials_refused(), "new credentials");
+    }
+
+    #[test]
     fn system_clock_reads_the_wall_clock() {
         let precise = || {
             std::time::SystemTime::now()
