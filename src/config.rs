@@ -1885,7 +1885,7 @@ mod tests {
             }
             checked += 1;
         }
-        assert_eq!(checked, 11, "every duration key");
+        assert_eq!(checked, 14, "every duration key");
     }
 
     #[test]
