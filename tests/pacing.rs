@@ -263,10 +263,11 @@ async fn redis_killed_mid_burst_falls_back_to_local_pacing_and_comes_back() {
             ("IDMATCH_RATE_LIMIT_REDIS_TIMEOUT", "100ms"),
         ],
     );
-    // Each client calls one after the other; Redis dies once four requests have arrived.
+    // Each client calls one after the other; Redis dies once four requests have arrived. Eight
+    // each leave several after the kill even when this test's own thread is starved for a while.
     let closed_loop = |url: String, client: &'static str| async move {
         let mut statuses = Vec::new();
-        for _ in 0..6 {
+        for _ in 0..8 {
             statuses.push(call(url.clone(), client).await.status);
         }
         statuses
@@ -279,7 +280,7 @@ async fn redis_killed_mid_burst_falls_back_to_local_pacing_and_comes_back() {
     let statuses = [loop_a.await.unwrap(), loop_b.await.unwrap()].concat();
     assert_eq!(
         statuses,
-        [StatusCode::OK; 12],
+        [StatusCode::OK; 16],
         "every request answered, none refused"
     );
     for (client, admin) in [("a", replicas.a.admin), ("b", replicas.b.admin)] {
