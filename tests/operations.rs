@@ -281,15 +281,6 @@ fn trickle(bytes: usize) -> idmatch_mock::server::Body {
     channel_body(rx)
 }
 
-async fn gauge_reaches(admin: std::net::SocketAddr, gauge: &str, value: f64) {
-    let polled = tokio::time::timeout(Duration::from_secs(5), async {
-        while scrape(admin, gauge).await != value {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    });
-    assert!(polled.await.is_ok(), "{gauge} never reached {value}");
-}
-
 #[tokio::test]
 async fn a_request_waits_for_an_upstream_slot_at_most_the_response_timeout() {
     let pki = TestPki::localhost();
@@ -321,14 +312,25 @@ async fn a_request_waits_for_an_upstream_slot_at_most_the_response_timeout() {
     );
     assert!(impatient.await.is_err());
     let waiting = "idmatch_proxy_upstream_requests_waiting";
-    gauge_reaches(proxy.admin, waiting, 0.0).await;
+    let admin = proxy.admin;
+    eventually(
+        Duration::from_secs(5),
+        "nothing waiting for a slot",
+        || async move { scrape(admin, waiting).await == 0.0 },
+    )
+    .await;
 
     let started = Instant::now();
     let queued = tokio::spawn({
         let (client, url) = (client.clone(), proxy.url("/queued"));
         async move { send(&client, get(&url)).await }
     });
-    gauge_reaches(proxy.admin, waiting, 1.0).await;
+    eventually(
+        Duration::from_secs(5),
+        "one request waiting for a slot",
+        || async move { scrape(admin, waiting).await == 1.0 },
+    )
+    .await;
     let queued = queued.await.unwrap();
     assert!(
         started.elapsed() >= Duration::from_millis(400),
@@ -569,7 +571,7 @@ async fn draining_closes_h2c_connections_at_once_and_idle_http1_ones_at_the_stop
 
 #[tokio::test]
 async fn shutdown_waits_for_in_flight_requests_within_the_timeout() {
-    let (_upstream, proxy, _config) = stack_with(
+    let (upstream, proxy, _config) = stack_with(
         Duration::from_millis(300),
         &[("IDMATCH_SHUTDOWN_TIMEOUT", "5s")],
     )
@@ -577,7 +579,12 @@ async fn shutdown_waits_for_in_flight_requests_within_the_timeout() {
     let client = http1();
     let url = proxy.url("/slow");
     let in_flight = tokio::spawn(async move { send(&client, get(&url)).await.status });
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    eventually(
+        Duration::from_secs(5),
+        "the request at the upstream",
+        || std::future::ready(upstream.request_count() == 1),
+    )
+    .await;
     let started = Instant::now();
     proxy.stop().await;
     assert!(
@@ -589,7 +596,7 @@ async fn shutdown_waits_for_in_flight_requests_within_the_timeout() {
 
 #[tokio::test]
 async fn shutdown_gives_up_on_requests_at_the_timeout() {
-    let (_upstream, proxy, _config) = stack_with(
+    let (upstream, proxy, _config) = stack_with(
         Duration::from_secs(30),
         &[("IDMATCH_SHUTDOWN_TIMEOUT", "300ms")],
     )
@@ -597,7 +604,12 @@ async fn shutdown_gives_up_on_requests_at_the_timeout() {
     let url = proxy.url("/stuck");
     let client = http1();
     let stuck = tokio::spawn(async move { client.request(get(&url)).await.map(|r| r.status()) });
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    eventually(
+        Duration::from_secs(5),
+        "the request at the upstream",
+        || std::future::ready(upstream.request_count() == 1),
+    )
+    .await;
     let started = Instant::now();
     proxy.stop().await;
     assert!(
@@ -631,18 +643,13 @@ async fn a_client_gone_before_the_response_is_accounted_for() {
     );
     drop(gone);
     // The upstream request is abandoned with the client's, and the gauge comes back down.
-    let deadline = Instant::now() + Duration::from_secs(3);
-    loop {
-        let metrics = send(&client, get(&admin_url(&proxy, "/metrics"))).await;
-        if in_flight(&String::from_utf8_lossy(&metrics.body)).as_deref() == Some("0") {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "still in flight after the client left"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let admin = proxy.admin;
+    eventually(
+        Duration::from_secs(3),
+        "nothing in flight after the client left",
+        || async move { scrape(admin, "idmatch_proxy_requests_in_flight").await == 0.0 },
+    )
+    .await;
 }
 
 #[tokio::test]
