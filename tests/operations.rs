@@ -482,22 +482,13 @@ async fn draining_turns_readiness_off_keeps_serving_and_closes_http1_connections
 
 /// An h2c connection to the proxy, with one request answered over it, and a task that ends when
 /// the proxy closes the connection. Dropping the sender would close it from our side.
-async fn h2c_connection(
+async fn h2c_connection_used_once(
     proxy: &Proxy,
 ) -> (
     hyper::client::conn::http2::SendRequest<http_body_util::Full<Bytes>>,
     tokio::task::JoinHandle<()>,
 ) {
-    let tcp = TcpStream::connect(proxy.addr).await.unwrap();
-    let (mut sender, connection) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .unwrap();
-    let closed = tokio::spawn(async move {
-        let _ = connection.await;
-    });
+    let (mut sender, closed) = support::h2c_connection(proxy.addr).await;
     let response = sender.send_request(get(&proxy.url("/h2c"))).await.unwrap();
     assert_eq!(collect(response).await.status, StatusCode::OK);
     (sender, closed)
@@ -510,7 +501,7 @@ async fn an_h2c_connection_is_closed_at_the_idle_timeout_after_its_last_stream()
     let (_upstream, proxy, _config) =
         stack_with(Duration::ZERO, &[("IDMATCH_CLIENT_IDLE_TIMEOUT", "500ms")]).await;
     let idle_since = Instant::now();
-    let (_sender, closed) = h2c_connection(&proxy).await;
+    let (_sender, closed) = h2c_connection_used_once(&proxy).await;
     tokio::time::timeout(Duration::from_secs(5), closed)
         .await
         .expect("closed at the idle timeout")
@@ -526,7 +517,7 @@ async fn an_h2c_connection_is_closed_at_the_idle_timeout_after_its_last_stream()
 async fn draining_closes_h2c_connections_at_once_and_idle_http1_ones_at_the_stop() {
     let (_upstream, proxy, _config) =
         stack_with(Duration::ZERO, &[("IDMATCH_DRAIN_DELAY", "1500ms")]).await;
-    let (_sender, h2c) = h2c_connection(&proxy).await;
+    let (_sender, h2c) = h2c_connection_used_once(&proxy).await;
     let mut http1 = TcpStream::connect(proxy.addr).await.unwrap();
     http1
         .write_all(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n")

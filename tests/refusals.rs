@@ -101,16 +101,7 @@ async fn forged_host_and_authority_change_nothing() {
         assert_eq!(send(&http1(), forged).await.status, StatusCode::OK);
         // In HTTP/2 the request's URI becomes `:authority`: a forged one, on a connection to
         // the proxy.
-        let io = tokio::net::TcpStream::connect(stack.proxy.addr)
-            .await
-            .unwrap();
-        let (mut sender, connection) = hyper::client::conn::http2::handshake(
-            hyper_util::rt::TokioExecutor::new(),
-            hyper_util::rt::TokioIo::new(io),
-        )
-        .await
-        .unwrap();
-        tokio::spawn(connection);
+        let (mut sender, _connection) = h2c_connection(stack.proxy.addr).await;
         let forged = Request::get("http://169.254.169.254/sim-swap")
             .body(http_body_util::Empty::<bytes::Bytes>::new())
             .unwrap();

@@ -165,14 +165,7 @@ async fn a_kept_body_that_arrives_in_pieces_is_sent_whole_both_times() {
         .header("content-length", body.len())
         .body(channel_body(received))
         .unwrap();
-    let io = TcpStream::connect(proxy.addr).await.unwrap();
-    let (mut sender, connection) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(io),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(connection);
+    let (mut sender, _connection) = h2c_connection(proxy.addr).await;
     let answer = collect(sender.send_request(request).await.unwrap()).await;
     assert_eq!(answer.status, StatusCode::OK, "{:?}", answer.body);
 

@@ -168,6 +168,33 @@ pub fn h2c() -> HttpClient {
         .build_http()
 }
 
+/// An HTTP/2 prior-knowledge connection to `addr`, driven until it closes (the handle resolves
+/// then): for what the pooled client cannot send, such as a URI naming another authority, or a
+/// body other than `Full`.
+pub async fn h2c_connection<B>(
+    addr: SocketAddr,
+) -> (
+    hyper::client::conn::http2::SendRequest<B>,
+    tokio::task::JoinHandle<()>,
+)
+where
+    B: hyper::body::Body + Unpin + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (sender, connection) = hyper::client::conn::http2::handshake(
+        TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    let closed = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    (sender, closed)
+}
+
 /// A response with its whole body.
 pub struct Answer {
     pub status: http::StatusCode,
