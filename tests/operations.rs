@@ -46,6 +46,11 @@ fn admin_url(proxy: &Proxy, path: &str) -> String {
     format!("http://{}{path}", proxy.admin)
 }
 
+/// Whether `/readyz` at `url` answers other than 200.
+async fn not_ready(client: &HttpClient, url: &str) -> bool {
+    send(client, get(url)).await.status != StatusCode::OK
+}
+
 #[tokio::test]
 async fn livez_and_readyz_answer_without_calling_the_upstream() {
     let (upstream, proxy, _config) = stack_with(Duration::ZERO, &[]).await;
@@ -463,14 +468,12 @@ async fn draining_turns_readiness_off_keeps_serving_and_closes_http1_connections
     let url = proxy.url("/during-drain");
     let stopped = tokio::spawn(proxy.stop());
     // Readiness flips at once...
-    let deadline = Instant::now() + Duration::from_secs(1);
-    let ready = loop {
-        let answer = send(&client, get(&format!("http://{admin}/readyz"))).await;
-        if answer.status != StatusCode::OK || Instant::now() > deadline {
-            break answer;
-        }
-        tokio::task::yield_now().await;
-    };
+    let readyz = format!("http://{admin}/readyz");
+    eventually(Duration::from_secs(1), "readiness 503", || {
+        not_ready(&client, &readyz)
+    })
+    .await;
+    let ready = send(&client, get(&readyz)).await;
     assert_eq!(ready.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(ready.json()["reason"], "draining");
     // ...while requests are still served, each telling HTTP/1 clients to reconnect.
@@ -798,14 +801,12 @@ async fn quitquitquit_takes_post_only_and_starts_the_drain() {
 
     let quit = Request::post(&url).body(Default::default()).unwrap();
     assert_eq!(send(&client, quit).await.status, StatusCode::ACCEPTED);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let readiness = loop {
-        let answer = send(&client, get(&admin_url(&proxy, "/readyz"))).await;
-        if answer.status != StatusCode::OK || Instant::now() > deadline {
-            break answer;
-        }
-        tokio::task::yield_now().await;
-    };
+    let readyz = admin_url(&proxy, "/readyz");
+    eventually(Duration::from_secs(5), "readiness 503", || {
+        not_ready(&client, &readyz)
+    })
+    .await;
+    let readiness = send(&client, get(&readyz)).await;
     assert_eq!(readiness.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(readiness.json()["reason"], "draining");
     // Still serving through the drain delay, with `Connection: close`.
