@@ -411,42 +411,28 @@ async fn proxy_down_is_a_502_naming_the_proxy() {
 
 #[tokio::test]
 async fn stalled_proxy_is_a_504_within_the_connect_timeout() {
-    // Accepts TCP connections and never answers CONNECT.
-    let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = silent.local_addr().unwrap();
-    let held = tokio::spawn(async move {
-        let mut open = Vec::new();
-        while let Ok((stream, _)) = silent.accept().await {
-            open.push(stream);
-        }
-    });
+    // Never answers CONNECT.
+    let silent = silent_listener().await;
     let pki = TestPki::localhost();
     let upstream = api(&pki).await;
     let proxy = sidecar(
         &upstream.url(BASE),
         &pki,
         &[
-            ("IDMATCH_UPSTREAM_PROXY", &format!("http://{addr}")),
+            ("IDMATCH_UPSTREAM_PROXY", &format!("http://{}", silent.addr)),
             ("IDMATCH_UPSTREAM_CONNECT_TIMEOUT", "300ms"),
         ],
     )
     .await;
     let started = std::time::Instant::now();
     let answer = send(&http1(), sim_swap(&proxy)).await;
-    assert_eq!(
-        answer.status,
-        StatusCode::GATEWAY_TIMEOUT,
-        "{:?}",
-        answer.body
-    );
-    assert_eq!(answer.json()["error"]["code"], "connection_timeout");
+    assert_proxy_error(&answer, StatusCode::GATEWAY_TIMEOUT, "connection_timeout");
     // Well before the 30 s response timeout: the connect bound covers the CONNECT exchange.
     assert!(
         started.elapsed() < Duration::from_secs(10),
         "{:?}",
         started.elapsed()
     );
-    held.abort();
 }
 
 #[tokio::test]

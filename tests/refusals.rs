@@ -208,17 +208,9 @@ async fn plain_http_upstream_works_only_when_allowed() {
 
 #[tokio::test]
 async fn stalled_tls_handshake_is_a_json_504_within_the_connect_timeout() {
-    // Accepts TCP connections and never says a word.
-    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = silent.local_addr().unwrap();
-    let held = tokio::spawn(async move {
-        let mut open = Vec::new();
-        while let Ok((stream, _)) = silent.accept().await {
-            open.push(stream);
-        }
-    });
+    let silent = silent_listener().await;
     let pki = TestPki::localhost();
-    let config = ProxyConfig::new(&format!("https://{addr}{BASE}"), &pki)
+    let config = ProxyConfig::new(&format!("https://{}{BASE}", silent.addr), &pki)
         .set("IDMATCH_UPSTREAM_CONNECT_TIMEOUT", "300ms");
     let proxy = Proxy::start(&config).await;
     let started = std::time::Instant::now();
@@ -230,7 +222,6 @@ async fn stalled_tls_handshake_is_a_json_504_within_the_connect_timeout() {
         "{:?}",
         started.elapsed()
     );
-    held.abort();
 }
 
 #[tokio::test]

@@ -547,6 +547,31 @@ impl<G: Unpin> hyper::body::Body for Endless<G> {
     }
 }
 
+/// A listener that accepts connections and never says a word, holding them open for as long
+/// as the value lives: a peer stalled after the TCP handshake.
+pub struct Silent {
+    pub addr: SocketAddr,
+    held: tokio::task::JoinHandle<()>,
+}
+
+pub async fn silent_listener() -> Silent {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            open.push(stream);
+        }
+    });
+    Silent { addr, held }
+}
+
+impl Drop for Silent {
+    fn drop(&mut self) {
+        self.held.abort();
+    }
+}
+
 /// A response body whose chunks arrive through `chunks`, and which ends when its sender is
 /// dropped: the upstream holds it open as long as the test likes.
 pub fn channel_body(chunks: tokio::sync::mpsc::Receiver<Bytes>) -> idmatch_mock::server::Body {
