@@ -25,6 +25,7 @@ use crate::config::{
     parse_certificates, read_ca_file, read_credential, Credentials, Secret, Upstream,
 };
 use crate::metrics::{Metrics, OutcomeLabels};
+use crate::pace::Pacer;
 use crate::token::{Signer, TokenCache};
 use crate::upstream::Trust;
 
@@ -44,6 +45,8 @@ pub struct Reloader {
     failure: Option<String>,
     tokens: Arc<TokenCache>,
     metrics: Arc<Metrics>,
+    /// Told a new key id: the shared rate limit is kept per credential.
+    pacer: Option<Arc<Pacer>>,
 }
 
 /// What one [`Reloader::check`] did.
@@ -77,7 +80,13 @@ impl Reloader {
             failure: None,
             tokens,
             metrics,
+            pacer: None,
         })
+    }
+
+    /// Also tells `pacer` when the key id changes.
+    pub fn pacing(self, pacer: Option<Arc<Pacer>>) -> Self {
+        Self { pacer, ..self }
     }
 
     /// Checks every `reload_interval`, forever: spawn it next to the server.
@@ -112,6 +121,9 @@ impl Reloader {
 
         self.tokens
             .replace_signer(Signer::new(&key_id, secret.expose()));
+        if let (true, Some(pacer)) = (key_id_changed, &self.pacer) {
+            pacer.key_id_changed(&key_id);
+        }
         self.count("success");
         // The key id is public (it is in every token's header); the secret is never logged.
         tracing::info!(

@@ -8,7 +8,7 @@ use std::error::Error as StdError;
 use std::io;
 
 use bytes::Bytes;
-use http::header::{HeaderName, HeaderValue, CONTENT_TYPE};
+use http::header::{HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
 use http::{Response, StatusCode};
 use http_body_util::Full;
 
@@ -68,6 +68,16 @@ pub enum ProxyError {
     UpstreamProtocol(&'static str),
     #[error("too many requests in flight; retry shortly")]
     Overloaded,
+    /// The credential's next send slot is further away than `rate_limit.max_wait`.
+    #[error("the next send slot for this credential is {} ms away, beyond rate_limit.max_wait ({} ms); retry in {retry_after} s", wait.as_millis(), max_wait.as_millis())]
+    SlotTooFar {
+        wait: std::time::Duration,
+        max_wait: std::time::Duration,
+        retry_after: u64,
+    },
+    /// `rate_limit.max_queued` requests are waiting for their slots already.
+    #[error("{limit} requests are waiting for a send slot already (rate_limit.max_queued); retry in {retry_after} s")]
+    QueueFull { limit: usize, retry_after: u64 },
     /// `upstream.max_in_flight` requests were in flight and none finished in time.
     #[error("{limit} requests to the upstream were in flight (upstream.max_in_flight) and none finished within {waited:?}; retry shortly")]
     UpstreamBusy {
@@ -170,6 +180,7 @@ impl ProxyError {
             Self::RequestBodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::ConnectTimeout | Self::ResponseTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::Overloaded | Self::UpstreamBusy { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::SlotTooFar { .. } | Self::QueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Dns(_)
             | Self::ConnectionRefused
             | Self::TlsCertificate(_)
@@ -193,6 +204,8 @@ impl ProxyError {
             // A limit the operator configured, so a refusal by policy (RFC 9209 §2.3.16) rather
             // than a malformed request; RFC 9209 has no request-body-size type.
             Self::BodyTooLarge { .. } => "http_request_denied",
+            // The rate limit is the proxy's policy too (CM.com's, kept on its behalf).
+            Self::SlotTooFar { .. } | Self::QueueFull { .. } => "http_request_denied",
             Self::Dns(_) => "dns_error",
             Self::ConnectionRefused => "connection_refused",
             Self::ConnectTimeout => "connection_timeout",
@@ -228,6 +241,16 @@ impl ProxyError {
         )
     }
 
+    /// Seconds after which the client may try again (RFC 9110 §10.2.3), for refusals that know.
+    fn retry_after(&self) -> Option<u64> {
+        match self {
+            Self::SlotTooFar { retry_after, .. } | Self::QueueFull { retry_after, .. } => {
+                Some(*retry_after)
+            }
+            _ => None,
+        }
+    }
+
     pub fn into_response(self) -> Response<Full<Bytes>> {
         let body = serde_json::json!({
             "error": { "code": self.code(), "message": self.to_string() }
@@ -241,6 +264,9 @@ impl ProxyError {
             PROXY_STATUS.clone(),
             HeaderValue::try_from(proxy_status).expect("ASCII"),
         );
+        if let Some(seconds) = self.retry_after() {
+            headers.insert(RETRY_AFTER, HeaderValue::from(seconds));
+        }
         response
             .extensions_mut()
             .insert(ProxyErrorCode(self.code()));
@@ -311,6 +337,15 @@ mod tests {
                 limit: 1,
                 waited: Duration::from_secs(1),
             },
+            ProxyError::SlotTooFar {
+                wait: Duration::from_secs(6),
+                max_wait: Duration::from_secs(5),
+                retry_after: 1,
+            },
+            ProxyError::QueueFull {
+                limit: 1,
+                retry_after: 1,
+            },
         ];
         let number = |error: &ProxyError| match error {
             ProxyError::MethodRefused(_) => 0,
@@ -333,9 +368,11 @@ mod tests {
             ProxyError::UpstreamProtocol(_) => 17,
             ProxyError::Overloaded => 18,
             ProxyError::UpstreamBusy { .. } => 19,
+            ProxyError::SlotTooFar { .. } => 20,
+            ProxyError::QueueFull { .. } => 21,
         };
         let numbers: Vec<usize> = samples.iter().map(number).collect();
-        assert_eq!(numbers, (0..20).collect::<Vec<_>>());
+        assert_eq!(numbers, (0..22).collect::<Vec<_>>());
         samples
     }
 
@@ -352,6 +389,36 @@ mod tests {
             .map(ProxyError::code)
             .collect();
         assert_eq!(connect, ProxyError::CONNECT_CODES.into_iter().collect());
+    }
+
+    #[tokio::test]
+    async fn rate_limit_refusals_are_429_with_retry_after() {
+        let response = ProxyError::SlotTooFar {
+            wait: std::time::Duration::from_millis(7250),
+            max_wait: std::time::Duration::from_secs(5),
+            retry_after: 3,
+        }
+        .into_response();
+        assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(response.headers()[RETRY_AFTER], "3");
+        assert_eq!(
+            response.headers()[&PROXY_STATUS],
+            "idmatch-proxy; error=http_request_denied"
+        );
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            json["error"]["message"],
+            "the next send slot for this credential is 7250 ms away, beyond rate_limit.max_wait (5000 ms); retry in 3 s"
+        );
+        let full = ProxyError::QueueFull {
+            limit: 8,
+            retry_after: 1,
+        };
+        assert!(full.is_client_error());
+        assert_eq!(full.into_response().headers()[RETRY_AFTER], "1");
+        let other = ProxyError::ConnectionRefused.into_response();
+        assert!(!other.headers().contains_key(RETRY_AFTER));
     }
 
     #[test]

@@ -119,7 +119,7 @@ impl Server {
     pub async fn serve(mut self, listeners: Listeners, shutdown: impl Future<Output = ()>) {
         let refresher = tokio::spawn(self.tokens.clone().run_refresher());
         let reloader = Reloader::new(&self.credentials, self.tokens.clone(), self.metrics.clone())
-            .map(|reloader| tokio::spawn(reloader.run()));
+            .map(|reloader| tokio::spawn(reloader.pacing(self.proxy.pacer().cloned()).run()));
         let ca_reloader = self
             .ca_reloader
             .take()
@@ -131,6 +131,7 @@ impl Server {
                 metrics: self.metrics.clone(),
                 draining: self.draining.clone(),
                 quit: self.quit.clone(),
+                pacer: self.proxy.pacer().cloned(),
             },
         ));
         let observer = Arc::new(Observer::new(
