@@ -242,18 +242,6 @@ fn sim_swap(proxy: &Proxy) -> Request<http_body_util::Full<bytes::Bytes>> {
     )
 }
 
-/// Asserts a 502 the sidecar made itself, with `code`, and returns its message.
-fn proxy_502(answer: &Answer, code: &str) -> String {
-    assert_eq!(answer.status, StatusCode::BAD_GATEWAY, "{:?}", answer.body);
-    assert_eq!(
-        answer.headers["proxy-status"],
-        format!("idmatch-proxy; error={code}").as_str()
-    );
-    let body = answer.json();
-    assert_eq!(body["error"]["code"], code);
-    body["error"]["message"].as_str().unwrap().to_owned()
-}
-
 #[tokio::test]
 async fn requests_reach_the_upstream_through_the_tunnel() {
     let pki = TestPki::localhost();
@@ -357,7 +345,11 @@ async fn a_proxy_wanting_other_credentials_is_a_502() {
         )
         .await;
         let answer = send(&http1(), sim_swap(&proxy)).await;
-        let message = proxy_502(&answer, "proxy_configuration_error");
+        let message = assert_proxy_error(
+            &answer,
+            StatusCode::BAD_GATEWAY,
+            "proxy_configuration_error",
+        );
         assert!(
             message.contains(&format!("egress proxy {}", egress.addr)),
             "{message}"
@@ -385,7 +377,8 @@ async fn a_proxy_refusing_the_tunnel_is_a_502_naming_its_status() {
         )
         .await;
         let answer = send(&http1(), sim_swap(&proxy)).await;
-        let message = proxy_502(&answer, "destination_unavailable");
+        let message =
+            assert_proxy_error(&answer, StatusCode::BAD_GATEWAY, "destination_unavailable");
         assert!(
             message.contains(&format!("egress proxy {}", egress.addr)),
             "{message}"
@@ -408,7 +401,7 @@ async fn proxy_down_is_a_502_naming_the_proxy() {
     .await;
     let answer = send(&http1(), sim_swap(&proxy)).await;
     // Not `connection_refused`, which would blame the upstream.
-    let message = proxy_502(&answer, "destination_unavailable");
+    let message = assert_proxy_error(&answer, StatusCode::BAD_GATEWAY, "destination_unavailable");
     assert!(
         message.starts_with(&format!("cannot connect to the egress proxy {}", down.addr)),
         "{message}"
@@ -418,42 +411,28 @@ async fn proxy_down_is_a_502_naming_the_proxy() {
 
 #[tokio::test]
 async fn stalled_proxy_is_a_504_within_the_connect_timeout() {
-    // Accepts TCP connections and never answers CONNECT.
-    let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = silent.local_addr().unwrap();
-    let held = tokio::spawn(async move {
-        let mut open = Vec::new();
-        while let Ok((stream, _)) = silent.accept().await {
-            open.push(stream);
-        }
-    });
+    // Never answers CONNECT.
+    let silent = silent_listener().await;
     let pki = TestPki::localhost();
     let upstream = api(&pki).await;
     let proxy = sidecar(
         &upstream.url(BASE),
         &pki,
         &[
-            ("IDMATCH_UPSTREAM_PROXY", &format!("http://{addr}")),
+            ("IDMATCH_UPSTREAM_PROXY", &format!("http://{}", silent.addr)),
             ("IDMATCH_UPSTREAM_CONNECT_TIMEOUT", "300ms"),
         ],
     )
     .await;
     let started = std::time::Instant::now();
     let answer = send(&http1(), sim_swap(&proxy)).await;
-    assert_eq!(
-        answer.status,
-        StatusCode::GATEWAY_TIMEOUT,
-        "{:?}",
-        answer.body
-    );
-    assert_eq!(answer.json()["error"]["code"], "connection_timeout");
+    assert_proxy_error(&answer, StatusCode::GATEWAY_TIMEOUT, "connection_timeout");
     // Well before the 30 s response timeout: the connect bound covers the CONNECT exchange.
     assert!(
         started.elapsed() < Duration::from_secs(10),
         "{:?}",
         started.elapsed()
     );
-    held.abort();
 }
 
 #[tokio::test]
@@ -500,7 +479,7 @@ async fn the_upstream_certificate_is_checked_through_the_tunnel() {
     let other = TestPki::new(&["other.example"]);
     let (upstream, egress, proxy) = through_open_proxy(&other).await;
     let answer = send(&http1(), sim_swap(&proxy)).await;
-    proxy_502(&answer, "tls_certificate_error");
+    assert_proxy_error(&answer, StatusCode::BAD_GATEWAY, "tls_certificate_error");
     assert_eq!(egress.connects().len(), 1);
     assert_eq!(upstream.tls_handshakes_completed(), 0);
     assert_eq!(upstream.request_count(), 0, "the token never left");

@@ -36,26 +36,6 @@ use tokio_rustls::TlsAcceptor;
 const ANNOUNCED: usize = 100_000;
 const PART: usize = 1_000;
 
-/// Asserts a proxy-made error: status, `Proxy-Status`, and the JSON body's code.
-fn assert_proxy_error(answer: &Answer, status: StatusCode, code: &str) {
-    assert_eq!(answer.status, status, "{:?}", answer.body);
-    assert_eq!(
-        answer.headers["proxy-status"],
-        format!("idmatch-proxy; error={code}").as_str()
-    );
-    assert_eq!(answer.headers["content-type"], "application/json");
-    assert_eq!(answer.json()["error"]["code"], code);
-}
-
-/// Waits until `done` holds, polling, for at most `limit`.
-async fn eventually(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !done() {
-        assert!(Instant::now() < deadline, "not within {limit:?}: {what}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
 /// After a fault: ready, and the next request is answered by the upstream.
 async fn assert_healthy(proxy: &Proxy, client: &HttpClient) {
     let ready = send(client, get(&format!("http://{}/readyz", proxy.admin))).await;
@@ -403,7 +383,7 @@ async fn a_stalled_body_is_aborted_after_the_response_timeout() {
         );
         // The stalled upstream connection is closed, not left in the pool.
         eventually(Duration::from_secs(5), "upstream connection closed", || {
-            upstream.seen.closed_by_proxy.load(Ordering::SeqCst) == round + 1
+            std::future::ready(upstream.seen.closed_by_proxy.load(Ordering::SeqCst) == round + 1)
         })
         .await;
         assert_healthy(&proxy, &client).await;
@@ -455,7 +435,7 @@ async fn pooled_connections_the_upstream_closed_are_not_reused() {
         assert_eq!(answer.status, StatusCode::OK, "{:?}", answer.body);
         // The upstream closes the idle connection; the next request goes out on a new one.
         eventually(Duration::from_secs(5), "idle connection closed", || {
-            upstream.seen.closed_idle.load(Ordering::SeqCst) == round
+            std::future::ready(upstream.seen.closed_idle.load(Ordering::SeqCst) == round)
         })
         .await;
     }
@@ -721,27 +701,6 @@ impl Drop for Cut {
     }
 }
 
-/// One chunk, then nothing, ever: only its client leaving ends it.
-struct Endless {
-    first: Option<Bytes>,
-    _cut: Cut,
-}
-
-impl Body for Endless {
-    type Data = Bytes;
-    type Error = Infallible;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        _: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        match self.first.take() {
-            Some(first) => Poll::Ready(Some(Ok(Frame::data(first)))),
-            None => Poll::Pending,
-        }
-    }
-}
-
 /// `/upload` reads until its body fails; `/download` answers with an [`Endless`] body; `/wait`
 /// never answers; `/warm` answers at once.
 async fn aborts_upstream(
@@ -772,10 +731,7 @@ async fn aborts_upstream(
                 match path.as_str() {
                     "/download" => {
                         tally.arrived(id);
-                        let body = Endless {
-                            first: Some(Bytes::from(vec![b'd'; 16 * 1024])),
-                            _cut: cut,
-                        };
+                        let body = Endless::new(Bytes::from(vec![b'd'; 16 * 1024]), cut);
                         http::Response::new(body.map_err(|never| match never {}).boxed())
                     }
                     "/wait" => {
@@ -1004,26 +960,22 @@ async fn client_aborts_leave_nothing_behind(alpn: &[&[u8]]) {
     eventually(
         Duration::from_secs(20),
         "every upstream request ended",
-        || tally.count(|t| &t.cut) == total,
+        || std::future::ready(tally.count(|t| &t.cut) == total),
     )
     .await;
     let ended = started.elapsed() - aborted;
     assert_eq!(tally.count(|t| &t.started), total, "each reached it once");
     assert_eq!(tally.count(|t| &t.whole), 0, "an aborted upload completed");
 
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let in_flight = scrape(admin, "idmatch_proxy_requests_in_flight").await;
-        let fds = open_fds(pid);
-        if in_flight == 0.0 && fds <= baseline + FD_SLACK {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "in flight: {in_flight}; open fds: {fds}, {baseline} before"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(
+        Duration::from_secs(20),
+        "nothing in flight and open descriptors back to the baseline",
+        || async move {
+            scrape(admin, "idmatch_proxy_requests_in_flight").await == 0.0
+                && open_fds(pid) <= baseline + FD_SLACK
+        },
+    )
+    .await;
     let next = send(&client, get(&proxy.url("/warm"))).await;
     assert_eq!(next.status, StatusCode::OK);
     let logs = proxy.logs();

@@ -112,18 +112,23 @@ async fn a_second_signal_exits_at_once() {
     let client = http1();
     let url = proxy.url("/stuck");
     let _stuck = tokio::spawn(async move { client.request(get(&url)).await.map(|r| r.status()) });
-    while upstream.request_count() == 0 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    eventually(
+        Duration::from_secs(5),
+        "the request at the upstream",
+        || std::future::ready(upstream.request_count() > 0),
+    )
+    .await;
     proxy.signal("TERM");
     // Until the first signal is logged, a second one would race the handler's installation.
-    while !proxy
-        .logs()
-        .iter()
-        .any(|l| l.contains("shutdown requested"))
-    {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    eventually(Duration::from_secs(5), "the first signal logged", || {
+        std::future::ready(
+            proxy
+                .logs()
+                .iter()
+                .any(|l| l.contains("shutdown requested")),
+        )
+    })
+    .await;
     let started = Instant::now();
     proxy.signal("INT");
     let status = proxy.wait(Duration::from_secs(5));
@@ -271,13 +276,15 @@ async fn after_quitquitquit_a_signal_is_the_first_and_the_next_exits_at_once() {
         .unwrap();
     assert_eq!(send(&http1(), quit).await.status, StatusCode::ACCEPTED);
     let logged = |proxy: &Binary, text: &str| proxy.logs().iter().any(|l| l.contains(text));
-    while !logged(&proxy, "draining: readiness is 503") {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    eventually(Duration::from_secs(5), "draining logged", || {
+        std::future::ready(logged(&proxy, "draining: readiness is 503"))
+    })
+    .await;
     proxy.signal("TERM");
-    while !logged(&proxy, "\"signal\":\"SIGTERM\"") {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    eventually(Duration::from_secs(5), "SIGTERM logged", || {
+        std::future::ready(logged(&proxy, "\"signal\":\"SIGTERM\""))
+    })
+    .await;
     assert!(proxy
         .logs()
         .iter()
@@ -429,10 +436,10 @@ async fn every_line_of_a_burst_arrives_whole(workers: &str) {
             .collect()
     };
     // Out while the proxy runs: it went idle after the burst.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while access_ids(&proxy.logs()).len() < 300 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually(Duration::from_secs(5), "300 access lines", || {
+        std::future::ready(access_ids(&proxy.logs()).len() >= 300)
+    })
+    .await;
     assert_eq!(access_ids(&proxy.logs()).len(), 300);
 
     proxy.signal("TERM");

@@ -46,6 +46,11 @@ fn admin_url(proxy: &Proxy, path: &str) -> String {
     format!("http://{}{path}", proxy.admin)
 }
 
+/// Whether `/readyz` at `url` answers other than 200.
+async fn not_ready(client: &HttpClient, url: &str) -> bool {
+    send(client, get(url)).await.status != StatusCode::OK
+}
+
 #[tokio::test]
 async fn livez_and_readyz_answer_without_calling_the_upstream() {
     let (upstream, proxy, _config) = stack_with(Duration::ZERO, &[]).await;
@@ -209,10 +214,10 @@ async fn beyond_max_in_flight_requests_get_an_immediate_503() {
         "not queued: {:?}",
         started.elapsed()
     );
-    assert_eq!(third.status, StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(
-        third.headers["proxy-status"],
-        "idmatch-proxy; error=connection_limit_reached"
+    assert_proxy_error(
+        &third,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "connection_limit_reached",
     );
     for task in slow {
         assert_eq!(task.await.unwrap(), StatusCode::OK);
@@ -281,15 +286,6 @@ fn trickle(bytes: usize) -> idmatch_mock::server::Body {
     channel_body(rx)
 }
 
-async fn gauge_reaches(admin: std::net::SocketAddr, gauge: &str, value: f64) {
-    let polled = tokio::time::timeout(Duration::from_secs(5), async {
-        while scrape(admin, gauge).await != value {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    });
-    assert!(polled.await.is_ok(), "{gauge} never reached {value}");
-}
-
 #[tokio::test]
 async fn a_request_waits_for_an_upstream_slot_at_most_the_response_timeout() {
     let pki = TestPki::localhost();
@@ -321,14 +317,25 @@ async fn a_request_waits_for_an_upstream_slot_at_most_the_response_timeout() {
     );
     assert!(impatient.await.is_err());
     let waiting = "idmatch_proxy_upstream_requests_waiting";
-    gauge_reaches(proxy.admin, waiting, 0.0).await;
+    let admin = proxy.admin;
+    eventually(
+        Duration::from_secs(5),
+        "nothing waiting for a slot",
+        || async move { scrape(admin, waiting).await == 0.0 },
+    )
+    .await;
 
     let started = Instant::now();
     let queued = tokio::spawn({
         let (client, url) = (client.clone(), proxy.url("/queued"));
         async move { send(&client, get(&url)).await }
     });
-    gauge_reaches(proxy.admin, waiting, 1.0).await;
+    eventually(
+        Duration::from_secs(5),
+        "one request waiting for a slot",
+        || async move { scrape(admin, waiting).await == 1.0 },
+    )
+    .await;
     let queued = queued.await.unwrap();
     assert!(
         started.elapsed() >= Duration::from_millis(400),
@@ -336,20 +343,11 @@ async fn a_request_waits_for_an_upstream_slot_at_most_the_response_timeout() {
         started.elapsed()
     );
     assert_eq!(scrape(proxy.admin, waiting).await, 0.0);
-    assert_eq!(
-        queued.status,
+    let message = assert_proxy_error(
+        &queued,
         StatusCode::SERVICE_UNAVAILABLE,
-        "{:?}",
-        queued.body
+        "connection_limit_reached",
     );
-    assert_eq!(
-        queued.headers["proxy-status"],
-        "idmatch-proxy; error=connection_limit_reached"
-    );
-    let message = queued.json()["error"]["message"]
-        .as_str()
-        .unwrap()
-        .to_owned();
     assert!(message.contains("upstream.max_in_flight"), "{message}");
     assert_eq!(upstream.request_count(), 1, "the queued request never left");
 
@@ -470,14 +468,12 @@ async fn draining_turns_readiness_off_keeps_serving_and_closes_http1_connections
     let url = proxy.url("/during-drain");
     let stopped = tokio::spawn(proxy.stop());
     // Readiness flips at once...
-    let deadline = Instant::now() + Duration::from_secs(1);
-    let ready = loop {
-        let answer = send(&client, get(&format!("http://{admin}/readyz"))).await;
-        if answer.status != StatusCode::OK || Instant::now() > deadline {
-            break answer;
-        }
-        tokio::task::yield_now().await;
-    };
+    let readyz = format!("http://{admin}/readyz");
+    eventually(Duration::from_secs(1), "readiness 503", || {
+        not_ready(&client, &readyz)
+    })
+    .await;
+    let ready = send(&client, get(&readyz)).await;
     assert_eq!(ready.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(ready.json()["reason"], "draining");
     // ...while requests are still served, each telling HTTP/1 clients to reconnect.
@@ -489,22 +485,13 @@ async fn draining_turns_readiness_off_keeps_serving_and_closes_http1_connections
 
 /// An h2c connection to the proxy, with one request answered over it, and a task that ends when
 /// the proxy closes the connection. Dropping the sender would close it from our side.
-async fn h2c_connection(
+async fn h2c_connection_used_once(
     proxy: &Proxy,
 ) -> (
     hyper::client::conn::http2::SendRequest<http_body_util::Full<Bytes>>,
     tokio::task::JoinHandle<()>,
 ) {
-    let tcp = TcpStream::connect(proxy.addr).await.unwrap();
-    let (mut sender, connection) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .unwrap();
-    let closed = tokio::spawn(async move {
-        let _ = connection.await;
-    });
+    let (mut sender, closed) = support::h2c_connection(proxy.addr).await;
     let response = sender.send_request(get(&proxy.url("/h2c"))).await.unwrap();
     assert_eq!(collect(response).await.status, StatusCode::OK);
     (sender, closed)
@@ -517,7 +504,7 @@ async fn an_h2c_connection_is_closed_at_the_idle_timeout_after_its_last_stream()
     let (_upstream, proxy, _config) =
         stack_with(Duration::ZERO, &[("IDMATCH_CLIENT_IDLE_TIMEOUT", "500ms")]).await;
     let idle_since = Instant::now();
-    let (_sender, closed) = h2c_connection(&proxy).await;
+    let (_sender, closed) = h2c_connection_used_once(&proxy).await;
     tokio::time::timeout(Duration::from_secs(5), closed)
         .await
         .expect("closed at the idle timeout")
@@ -533,7 +520,7 @@ async fn an_h2c_connection_is_closed_at_the_idle_timeout_after_its_last_stream()
 async fn draining_closes_h2c_connections_at_once_and_idle_http1_ones_at_the_stop() {
     let (_upstream, proxy, _config) =
         stack_with(Duration::ZERO, &[("IDMATCH_DRAIN_DELAY", "1500ms")]).await;
-    let (_sender, h2c) = h2c_connection(&proxy).await;
+    let (_sender, h2c) = h2c_connection_used_once(&proxy).await;
     let mut http1 = TcpStream::connect(proxy.addr).await.unwrap();
     http1
         .write_all(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -569,7 +556,7 @@ async fn draining_closes_h2c_connections_at_once_and_idle_http1_ones_at_the_stop
 
 #[tokio::test]
 async fn shutdown_waits_for_in_flight_requests_within_the_timeout() {
-    let (_upstream, proxy, _config) = stack_with(
+    let (upstream, proxy, _config) = stack_with(
         Duration::from_millis(300),
         &[("IDMATCH_SHUTDOWN_TIMEOUT", "5s")],
     )
@@ -577,7 +564,12 @@ async fn shutdown_waits_for_in_flight_requests_within_the_timeout() {
     let client = http1();
     let url = proxy.url("/slow");
     let in_flight = tokio::spawn(async move { send(&client, get(&url)).await.status });
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    eventually(
+        Duration::from_secs(5),
+        "the request at the upstream",
+        || std::future::ready(upstream.request_count() == 1),
+    )
+    .await;
     let started = Instant::now();
     proxy.stop().await;
     assert!(
@@ -589,7 +581,7 @@ async fn shutdown_waits_for_in_flight_requests_within_the_timeout() {
 
 #[tokio::test]
 async fn shutdown_gives_up_on_requests_at_the_timeout() {
-    let (_upstream, proxy, _config) = stack_with(
+    let (upstream, proxy, _config) = stack_with(
         Duration::from_secs(30),
         &[("IDMATCH_SHUTDOWN_TIMEOUT", "300ms")],
     )
@@ -597,7 +589,12 @@ async fn shutdown_gives_up_on_requests_at_the_timeout() {
     let url = proxy.url("/stuck");
     let client = http1();
     let stuck = tokio::spawn(async move { client.request(get(&url)).await.map(|r| r.status()) });
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    eventually(
+        Duration::from_secs(5),
+        "the request at the upstream",
+        || std::future::ready(upstream.request_count() == 1),
+    )
+    .await;
     let started = Instant::now();
     proxy.stop().await;
     assert!(
@@ -631,18 +628,13 @@ async fn a_client_gone_before_the_response_is_accounted_for() {
     );
     drop(gone);
     // The upstream request is abandoned with the client's, and the gauge comes back down.
-    let deadline = Instant::now() + Duration::from_secs(3);
-    loop {
-        let metrics = send(&client, get(&admin_url(&proxy, "/metrics"))).await;
-        if in_flight(&String::from_utf8_lossy(&metrics.body)).as_deref() == Some("0") {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "still in flight after the client left"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let admin = proxy.admin;
+    eventually(
+        Duration::from_secs(3),
+        "nothing in flight after the client left",
+        || async move { scrape(admin, "idmatch_proxy_requests_in_flight").await == 0.0 },
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -809,14 +801,12 @@ async fn quitquitquit_takes_post_only_and_starts_the_drain() {
 
     let quit = Request::post(&url).body(Default::default()).unwrap();
     assert_eq!(send(&client, quit).await.status, StatusCode::ACCEPTED);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let readiness = loop {
-        let answer = send(&client, get(&admin_url(&proxy, "/readyz"))).await;
-        if answer.status != StatusCode::OK || Instant::now() > deadline {
-            break answer;
-        }
-        tokio::task::yield_now().await;
-    };
+    let readyz = admin_url(&proxy, "/readyz");
+    eventually(Duration::from_secs(5), "readiness 503", || {
+        not_ready(&client, &readyz)
+    })
+    .await;
+    let readiness = send(&client, get(&readyz)).await;
     assert_eq!(readiness.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(readiness.json()["reason"], "draining");
     // Still serving through the drain delay, with `Connection: close`.

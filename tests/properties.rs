@@ -36,7 +36,6 @@ use idmatch_proxy::config::Config;
 use idmatch_proxy::error::ProxyError;
 use idmatch_proxy::headers::{remove_hop_by_hop, rewrite_request};
 use idmatch_proxy::proxy::upstream_uri;
-use jsonwebtoken::{decode, decode_header, Algorithm, DecodingKey, Validation};
 use proptest::prelude::*;
 use proptest::test_runner::{Config as Settings, RngSeed, TestCaseError, TestRunner};
 use support::*;
@@ -45,7 +44,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 /// The seed of every property unless `PROPTEST_RNG_SEED` says otherwise.
 const SEED: u64 = 0x1d_4a7c;
 
-/// Runs `property` on `cases` values of `strategy` (or `PROPTEST_CASES`), shrinking a failure to
+/// The fewest cases a property runs, whatever `PROPTEST_CASES` says.
+const MIN_CASES: u32 = 32;
+
+/// Runs `property` on `cases` values of `strategy` (or `PROPTEST_CASES`, at least
+/// [`MIN_CASES`]), shrinking a failure to
 /// a minimal one, and prints how many cases ran.
 fn check<S: Strategy>(
     name: &str,
@@ -56,7 +59,8 @@ fn check<S: Strategy>(
     S::Value: Debug,
 {
     let from_env = |var: &str| std::env::var(var).ok().and_then(|v| v.parse().ok());
-    let cases = from_env("PROPTEST_CASES").map_or(cases, |n: u64| n as u32);
+    // A floor, so that `PROPTEST_CASES=0` cannot make a property pass without running it.
+    let cases = from_env("PROPTEST_CASES").map_or(cases, |n: u64| (n as u32).max(MIN_CASES));
     let seed = from_env("PROPTEST_RNG_SEED").unwrap_or(SEED);
     let mut runner = TestRunner::new(Settings {
         cases,
@@ -78,6 +82,10 @@ fn check<S: Strategy>(
     if let Err(error) = result {
         panic!("property {name} failed (seed {seed}): {error}");
     }
+    assert!(
+        ran.get() >= u64::from(cases),
+        "property {name}: too few cases run"
+    );
 }
 
 // === Headers ===
@@ -689,7 +697,8 @@ fn environment(paths: Vec<String>) -> impl Strategy<Value = Vec<(String, String)
 fn config_never_panics_and_errors_are_one_line_without_the_secret() {
     let secret = "pr0p-s3cret-7f3a9c1e5b2d8e4f";
     let files = files(secret);
-    let outcomes = Cell::new((0u32, 0u32));
+    // Accepted (of which with our secret, the one that must never be shown), refused.
+    let outcomes = Cell::new((0u32, 0u32, 0u32));
     check(
         "config",
         1024,
@@ -726,23 +735,23 @@ fn config_never_panics_and_errors_are_one_line_without_the_secret() {
             }
             let path = Path::new("/etc/idmatch/idmatch-proxy.toml");
             let source = (!file.is_empty()).then_some((path, file.as_str()));
-            let (ok, refused) = outcomes.get();
+            let (ok, ours_shown, refused) = outcomes.get();
             match Config::from_parts(source, &env) {
                 Ok(loaded) => {
-                    outcomes.set((ok + 1, refused));
                     // Ours, unless the case named another file.
                     let credentials = &loaded.config.credentials;
                     let ours = credentials
                         .secret_file
                         .as_ref()
                         .is_none_or(|file| *file == Path::new(&files.secret));
+                    outcomes.set((ok + 1, ours_shown + u32::from(ours), refused));
                     prop_assert!(!ours || credentials.secret.expose() == secret.as_bytes());
                     for shown in [loaded.render(), format!("{loaded:?}")] {
                         prop_assert!(!shown.contains(secret), "secret shown: {}", shown);
                     }
                 }
                 Err(error) => {
-                    outcomes.set((ok, refused + 1));
+                    outcomes.set((ok, ours_shown, refused + 1));
                     let message = error.to_string();
                     prop_assert!(!message.contains(secret), "secret in error: {}", message);
                     prop_assert!(
@@ -755,8 +764,13 @@ fn config_never_panics_and_errors_are_one_line_without_the_secret() {
             Ok(())
         },
     );
-    let (ok, refused) = outcomes.get();
-    println!("property config: {ok} configurations accepted, {refused} refused");
+    let (ok, ours_shown, refused) = outcomes.get();
+    println!(
+        "property config: {ok} configurations accepted ({ours_shown} holding our secret), \
+         {refused} refused"
+    );
+    assert!(ours_shown > 0, "no accepted configuration held our secret");
+    assert!(refused > 0, "no configuration was refused");
 }
 
 /// What the config property first found: a path with a control character, shown as written,
@@ -807,13 +821,6 @@ async fn recording_stack(alpn: &[u8]) -> (Stack, Arc<Mutex<Vec<Seen>>>) {
     (Stack::over(pki, upstream).await, seen)
 }
 
-#[derive(serde::Deserialize)]
-struct Claims {
-    iat: u64,
-    nbf: u64,
-    exp: u64,
-}
-
 /// Sends `request` on a fresh HTTP/1.1 connection and returns the response: the head, then as
 /// many bytes as its `Content-Length` says (every response here has one).
 async fn exchange(addr: std::net::SocketAddr, request: &[u8]) -> Result<String, TestCaseError> {
@@ -858,6 +865,32 @@ fn trimmed(value: &[u8]) -> Vec<u8> {
     }
 }
 
+/// One case per field the proxy handles specially: each runs in all four client/upstream
+/// protocol combinations, whatever the generator happens to draw.
+const SPECIAL_CASES: [&[(&str, &str)]; 9] = [
+    &[("Proxy-Authorization", "Basic dXNlcjpwYXNz")],
+    &[("Authorization", "Bearer forged")],
+    &[("Host", "169.254.169.254")],
+    &[("Connection", "x-named"), ("x-named", "1")],
+    &[("Keep-Alive", "timeout=5")],
+    &[("Proxy-Connection", "keep-alive")],
+    &[("TE", "trailers")],
+    &[("Upgrade", "websocket")],
+    &[("Trailer", "x-checksum")],
+];
+
+/// Fields the proxy puts in itself, so that a client naming them in `Connection` cannot expect
+/// them gone.
+const ADDED: [&str; 3] = ["x-request-id", "host", "authorization"];
+
+/// Counts per client (HTTP/1.1, h2c) and upstream (HTTP/1.1, h2).
+#[derive(Clone, Copy, Default)]
+struct Flavours {
+    cases: [[u32; 2]; 2],
+    /// Cases that sent a field which must not arrive.
+    forbidden_sent: [[u32; 2]; 2],
+}
+
 #[test]
 fn end_to_end_the_upstream_sees_one_valid_token_its_authority_and_the_target() {
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -872,12 +905,136 @@ fn end_to_end_the_upstream_sees_one_valid_token_its_authority_and_the_target() {
         )
     });
     let stacks = [&h1, &h2];
-    // Cases per client (HTTP/1.1, h2c) and upstream (HTTP/1.1, h2).
-    let flavours = Mutex::new([[0u32; 2]; 2]);
-    let key = DecodingKey::from_secret(SECRET.as_bytes());
-    let mut validation = Validation::new(Algorithm::HS256);
-    validation.set_required_spec_claims(&["exp", "nbf", "iat"]);
-    validation.validate_nbf = true;
+    let flavours = Mutex::new(Flavours::default());
+
+    type Case = (Vec<(String, Vec<u8>)>, String, usize, bool);
+    let property = |(fields, tail, upstream, over_h2c): Case| -> Result<(), TestCaseError> {
+        let ((stack, seen), target) = (stacks[upstream], format!("/{tail}"));
+        seen.lock().unwrap().clear();
+        let response = runtime.block_on(async {
+            if over_h2c {
+                let mut request = Request::get(stack.proxy.url(&target));
+                for (name, value) in &fields {
+                    request = request.header(name.as_str(), value.as_slice());
+                }
+                let request = request
+                    .body(http_body_util::Full::new(bytes::Bytes::new()))
+                    .unwrap();
+                let response = h2c()
+                    .request(request)
+                    .await
+                    .map_err(|e| TestCaseError::fail(format!("h2c request failed: {e}")))?;
+                let answer = collect(response).await;
+                Ok::<_, TestCaseError>(format!(
+                    "HTTP/2 {} {:?} {}",
+                    answer.status,
+                    answer.headers,
+                    String::from_utf8_lossy(&answer.body)
+                ))
+            } else {
+                let mut request = format!("GET {target} HTTP/1.1\r\n").into_bytes();
+                for (name, value) in &fields {
+                    request.extend_from_slice(name.as_bytes());
+                    request.extend_from_slice(b": ");
+                    request.extend_from_slice(value);
+                    request.extend_from_slice(b"\r\n");
+                }
+                request.extend_from_slice(b"\r\n");
+                exchange(stack.proxy.addr, &request).await
+            }
+        })?;
+        let status = if over_h2c {
+            "HTTP/2 200 OK"
+        } else {
+            "HTTP/1.1 200 OK"
+        };
+        prop_assert!(response.starts_with(status), "{}", response);
+        prop_assert!(!response.contains("Bearer"), "{}", response);
+
+        let seen = seen.lock().unwrap();
+        prop_assert_eq!(seen.len(), 1, "one request upstream");
+        let seen = &seen[0];
+        let authority = stack.upstream.addr().to_string();
+
+        // Exactly one Authorization, a JWT that an independent implementation accepts.
+        let authorization = values(&seen.headers, &AUTHORIZATION);
+        prop_assert_eq!(authorization.len(), 1, "{:?}", seen.headers);
+        let token = authorization[0]
+            .to_str()
+            .ok()
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or_else(|| TestCaseError::fail("not a bearer token"))?;
+        let claims = verify(token, SECRET).map_err(TestCaseError::fail)?;
+        prop_assert!(claims.nbf <= claims.iat && claims.iat < claims.exp);
+
+        // The upstream's authority, whatever Host or :authority the client sent.
+        match seen.version {
+            Version::HTTP_2 => {
+                prop_assert_eq!(seen.uri.authority().map(|a| a.as_str()), Some(&*authority));
+                // `:authority` alone: some servers refuse a `Host` beside it.
+                let host = values(&seen.headers, &HOST);
+                prop_assert!(host.is_empty(), "{:?}", host);
+            }
+            _ => prop_assert_eq!(values(&seen.headers, &HOST), [authority.as_str()]),
+        }
+        let path_and_query = seen.uri.path_and_query().map(|pq| pq.as_str());
+        let expected = format!("{BASE}{target}");
+        prop_assert_eq!(path_and_query, Some(expected.as_str()));
+
+        // Whatever the protocols: no hop-by-hop field, no client proxy credentials, and nothing
+        // `Connection` named, if it reached the proxy (an h2c client cannot send it).
+        let input = header_map(&fields);
+        let mut forbidden: HashSet<HeaderName> = if over_h2c {
+            HOP_BY_HOP.map(HeaderName::from_static).into()
+        } else {
+            hop_by_hop(&input)
+        };
+        forbidden.insert(PROXY_AUTHORIZATION);
+        forbidden.retain(|name| !ADDED.contains(&name.as_str()));
+        let arrived = seen
+            .headers
+            .keys()
+            .filter(|name| forbidden.contains(*name))
+            .collect::<Vec<_>>();
+        prop_assert!(arrived.is_empty(), "forwarded: {:?}", arrived);
+        {
+            let mut flavours = flavours.lock().unwrap();
+            flavours.cases[over_h2c as usize][upstream] += 1;
+            flavours.forbidden_sent[over_h2c as usize][upstream] +=
+                u32::from(input.keys().any(|name| forbidden.contains(name)));
+        }
+
+        // HTTP/1.1 on both sides: every end-to-end field arrives, in order.
+        if !over_h2c && seen.version == Version::HTTP_11 {
+            let mut dropped = forbidden;
+            dropped.extend([HOST, AUTHORIZATION]);
+            let expected = pairs(&input)
+                .into_iter()
+                .filter(|(name, _)| !dropped.contains(name))
+                .collect::<Vec<_>>();
+            let arrived = pairs(&seen.headers)
+                .into_iter()
+                .filter(|(name, _)| !ADDED.contains(&name.as_str()))
+                .collect::<Vec<_>>();
+            prop_assert_eq!(arrived, expected);
+        }
+        Ok(())
+    };
+
+    for fields in SPECIAL_CASES {
+        let fields = fields
+            .iter()
+            .map(|(name, value)| (name.to_string(), value.as_bytes().to_vec()))
+            .collect::<Vec<_>>();
+        for (upstream, over_h2c) in [(0, false), (1, false), (0, true), (1, true)] {
+            let case = (fields.clone(), "special".to_owned(), upstream, over_h2c);
+            if let Err(error) = property(case) {
+                panic!("{fields:?}, upstream {upstream}, over h2c {over_h2c}: {error}");
+            }
+        }
+    }
+    // The generated cases' own counts, below.
+    *flavours.lock().unwrap() = Flavours::default();
 
     let e2e_fields = fields(12).prop_map(|fields| {
         fields
@@ -890,107 +1047,23 @@ fn end_to_end_the_upstream_sees_one_valid_token_its_authority_and_the_target() {
         "end_to_end",
         64,
         (e2e_fields, target_tail(), 0usize..2, any::<bool>()),
-        |(fields, tail, upstream, over_h2c)| {
-            let ((stack, seen), target) = (stacks[upstream], format!("/{tail}"));
-            flavours.lock().unwrap()[over_h2c as usize][upstream] += 1;
-            seen.lock().unwrap().clear();
-            let response = runtime.block_on(async {
-                if over_h2c {
-                    let mut request = Request::get(stack.proxy.url(&target));
-                    for (name, value) in &fields {
-                        request = request.header(name.as_str(), value.as_slice());
-                    }
-                    let request = request
-                        .body(http_body_util::Full::new(bytes::Bytes::new()))
-                        .unwrap();
-                    let response = h2c()
-                        .request(request)
-                        .await
-                        .map_err(|e| TestCaseError::fail(format!("h2c request failed: {e}")))?;
-                    let answer = collect(response).await;
-                    Ok::<_, TestCaseError>(format!(
-                        "HTTP/2 {} {:?} {}",
-                        answer.status,
-                        answer.headers,
-                        String::from_utf8_lossy(&answer.body)
-                    ))
-                } else {
-                    let mut request = format!("GET {target} HTTP/1.1\r\n").into_bytes();
-                    for (name, value) in &fields {
-                        request.extend_from_slice(name.as_bytes());
-                        request.extend_from_slice(b": ");
-                        request.extend_from_slice(value);
-                        request.extend_from_slice(b"\r\n");
-                    }
-                    request.extend_from_slice(b"\r\n");
-                    exchange(stack.proxy.addr, &request).await
-                }
-            })?;
-            let status = if over_h2c {
-                "HTTP/2 200 OK"
-            } else {
-                "HTTP/1.1 200 OK"
-            };
-            prop_assert!(response.starts_with(status), "{}", response);
-            prop_assert!(!response.contains("Bearer"), "{}", response);
-
-            let seen = seen.lock().unwrap();
-            prop_assert_eq!(seen.len(), 1, "one request upstream");
-            let seen = &seen[0];
-            let authority = stack.upstream.addr().to_string();
-
-            // Exactly one Authorization, a JWT that an independent implementation accepts.
-            let authorization = values(&seen.headers, &AUTHORIZATION);
-            prop_assert_eq!(authorization.len(), 1, "{:?}", seen.headers);
-            let token = authorization[0]
-                .to_str()
-                .ok()
-                .and_then(|v| v.strip_prefix("Bearer "))
-                .ok_or_else(|| TestCaseError::fail("not a bearer token"))?;
-            let header = decode_header(token).map_err(|e| TestCaseError::fail(e.to_string()))?;
-            prop_assert_eq!(header.kid.as_deref(), Some(KEY_ID));
-            let claims = decode::<Claims>(token, &key, &validation)
-                .map_err(|e| TestCaseError::fail(format!("invalid token: {e}")))?
-                .claims;
-            prop_assert!(claims.nbf <= claims.iat && claims.iat < claims.exp);
-
-            // The upstream's authority, whatever Host or :authority the client sent.
-            match seen.version {
-                Version::HTTP_2 => {
-                    prop_assert_eq!(seen.uri.authority().map(|a| a.as_str()), Some(&*authority));
-                    // `:authority` alone: some servers refuse a `Host` beside it.
-                    let host = values(&seen.headers, &HOST);
-                    prop_assert!(host.is_empty(), "{:?}", host);
-                }
-                _ => prop_assert_eq!(values(&seen.headers, &HOST), [authority.as_str()]),
-            }
-            let path_and_query = seen.uri.path_and_query().map(|pq| pq.as_str());
-            let expected = format!("{BASE}{target}");
-            prop_assert_eq!(path_and_query, Some(expected.as_str()));
-
-            // HTTP/1.1 on both sides: every end-to-end field arrives, in order.
-            if !over_h2c && seen.version == Version::HTTP_11 {
-                let input = header_map(&fields);
-                let mut dropped = hop_by_hop(&input);
-                dropped.extend([PROXY_AUTHORIZATION, HOST, AUTHORIZATION]);
-                let expected = pairs(&input)
-                    .into_iter()
-                    .filter(|(name, _)| !dropped.contains(name))
-                    .collect::<Vec<_>>();
-                let added = ["x-request-id", "host", "authorization"];
-                let arrived = pairs(&seen.headers)
-                    .into_iter()
-                    .filter(|(name, _)| !added.contains(&name.as_str()))
-                    .collect::<Vec<_>>();
-                prop_assert_eq!(arrived, expected);
-            }
-            Ok(())
-        },
+        property,
     );
     let requests = h1.0.upstream.request_count() + h2.0.upstream.request_count();
-    let [[h1_h1, h1_h2], [h2c_h1, h2c_h2]] = *flavours.lock().unwrap();
+    let Flavours {
+        cases,
+        forbidden_sent,
+    } = *flavours.lock().unwrap();
     println!(
-        "property end_to_end: {requests} requests forwarded; client/upstream: http1/http1 \
-         {h1_h1}, http1/h2 {h1_h2}, h2c/http1 {h2c_h1}, h2c/h2 {h2c_h2}"
+        "property end_to_end: {requests} requests forwarded; client/upstream (cases, of which \
+         sent a forbidden field): http1/http1 {:?}, http1/h2 {:?}, h2c/http1 {:?}, h2c/h2 {:?}",
+        (cases[0][0], forbidden_sent[0][0]),
+        (cases[0][1], forbidden_sent[0][1]),
+        (cases[1][0], forbidden_sent[1][0]),
+        (cases[1][1], forbidden_sent[1][1]),
+    );
+    assert!(
+        forbidden_sent.iter().flatten().all(|&n| n > 0),
+        "a protocol combination never had a forbidden field to drop: {forbidden_sent:?}"
     );
 }

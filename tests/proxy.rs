@@ -2,37 +2,20 @@
 
 mod support;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
 use http::{Request, StatusCode};
 use idmatch_mock::server::json;
 use idmatch_mock::{Recorded, Server as Upstream, TestPki};
-use jsonwebtoken::{decode, decode_header, Algorithm, DecodingKey, Validation};
+use idmatch_proxy::token::{Clock, SystemClock};
 use serde_json::json;
 use support::*;
 
-#[derive(serde::Deserialize)]
-struct Claims {
-    iat: u64,
-    nbf: u64,
-    exp: u64,
-}
-
 /// The one bearer token in a recorded request, checked with `jsonwebtoken`.
-fn bearer_claims(request: &Recorded) -> Claims {
-    let values = request.header_values("authorization");
-    assert_eq!(values.len(), 1, "exactly one Authorization header");
-    let token = std::str::from_utf8(values[0])
-        .unwrap()
-        .strip_prefix("Bearer ")
-        .unwrap();
-    assert_eq!(decode_header(token).unwrap().kid.as_deref(), Some(KEY_ID));
-    let validation = Validation::new(Algorithm::HS256);
-    decode::<Claims>(
-        token,
-        &DecodingKey::from_secret(SECRET.as_bytes()),
-        &validation,
-    )
-    .expect("a valid token")
-    .claims
+fn claims_of(request: &Recorded) -> Claims {
+    bearer_claims(request.header_values("authorization"))
 }
 
 /// An upstream that answers every request with 200 and the path it saw.
@@ -97,23 +80,49 @@ async fn every_endpoint_works_through_the_proxy_over_http1_and_h2c() {
     assert_eq!(requests.len(), 8);
     for request in &requests {
         assert!(request.target.starts_with(BASE), "{}", request.target);
-        bearer_claims(request);
+        claims_of(request);
     }
 }
 
+/// CM.com's own errors reach the client as CM.com sent them: status, body byte for byte, its
+/// headers, and nothing of ours.
 #[tokio::test]
 async fn upstream_errors_pass_through_untouched() {
-    let stack = Stack::api().await;
-    let answer = send(
-        &http1(),
-        post_json(&stack.proxy.url("/sim-swap"), json!({"serviceType": "24h"})),
-    )
-    .await;
-    assert_eq!(answer.status, StatusCode::BAD_REQUEST);
-    assert!(
-        answer.headers.get("proxy-status").is_none(),
-        "CM.com's own errors carry no Proxy-Status"
-    );
+    const BODY: &str = r#"{"message":"serviceType 24h needs a phoneNumber","code":4711}"#;
+    let pki = TestPki::localhost();
+    let upstream = Upstream::builder()
+        .tls(&pki)
+        .handler(|_: Request<hyper::body::Incoming>| async {
+            http::Response::builder()
+                .status(StatusCode::BAD_REQUEST)
+                .header("content-type", "application/problem+json; charset=utf-8")
+                .header("x-cm-trace", "b7f1")
+                .header("cache-control", "no-store")
+                .body(idmatch_mock::server::full(BODY))
+                .unwrap()
+        })
+        .start()
+        .await;
+    let stack = Stack::over(pki, upstream).await;
+    for client in [http1(), h2c()] {
+        let answer = send(
+            &client,
+            post_json(&stack.proxy.url("/sim-swap"), json!({"serviceType": "24h"})),
+        )
+        .await;
+        assert_eq!(answer.status, StatusCode::BAD_REQUEST);
+        assert_eq!(answer.body, BODY);
+        assert_eq!(
+            answer.headers["content-type"],
+            "application/problem+json; charset=utf-8"
+        );
+        assert_eq!(answer.headers["x-cm-trace"], "b7f1");
+        assert_eq!(answer.headers["cache-control"], "no-store");
+        assert!(
+            answer.headers.get("proxy-status").is_none(),
+            "CM.com's own errors carry no Proxy-Status"
+        );
+    }
 }
 
 #[tokio::test]
@@ -167,6 +176,52 @@ async fn concurrent_requests_share_one_token() {
     assert_eq!((counts.background, counts.inline), (1, 0));
 }
 
+/// The wall clock, `ahead` from its second reading on: the token minted when the cache is built
+/// (the first reading) is already due for refresh when the refresher first looks, as after a
+/// suspend.
+struct JumpsAfterFirstReading {
+    read: AtomicBool,
+    ahead: Duration,
+}
+
+impl Clock for JumpsAfterFirstReading {
+    fn now(&self) -> Duration {
+        let jumped = self.read.swap(true, Ordering::SeqCst);
+        SystemClock.now() + if jumped { self.ahead } else { Duration::ZERO }
+    }
+}
+
+/// The background refresher replaces a due token before any request needs it: the request
+/// path signs nothing. (The first mint counts as a background one: only a second proves it.)
+#[tokio::test]
+async fn the_background_refresher_replaces_a_due_token_before_requests_need_it() {
+    let pki = TestPki::localhost();
+    let upstream = recording_upstream(&pki, &[b"h2", b"http/1.1"]).await;
+    let config = ProxyConfig::new(&upstream.url(BASE), &pki);
+    // Default timing: exp = iat + 60 s, refreshed 15 s before; 50 s on is 5 s past due.
+    let clock = Arc::new(JumpsAfterFirstReading {
+        read: AtomicBool::new(false),
+        ahead: Duration::from_secs(50),
+    });
+    let proxy = Proxy::start_with_clock(&config, clock).await;
+    eventually(Duration::from_secs(10), "a background refresh", || {
+        std::future::ready(proxy.tokens.mint_counts().background == 2)
+    })
+    .await;
+    let answer = send(&http1(), get(&proxy.url("/number-verify/1"))).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    let counts = proxy.tokens.mint_counts();
+    assert_eq!((counts.background, counts.inline), (2, 0));
+    // The refreshed token went out (its `nbf` is 45 s ahead of the real clock: not decoded).
+    let sent = upstream.requests()[0]
+        .header("authorization")
+        .map(<[u8]>::to_vec);
+    assert_eq!(
+        sent.as_deref(),
+        Some(proxy.tokens.authorization().as_bytes())
+    );
+}
+
 async fn join_all<T: Send + 'static>(
     tasks: impl Iterator<Item = tokio::task::JoinHandle<T>>,
 ) -> Vec<T> {
@@ -181,7 +236,7 @@ async fn join_all<T: Send + 'static>(
 async fn tokens_are_fresh_and_backdated() {
     let stack = Stack::api().await;
     send(&http1(), get(&stack.proxy.url("/number-verify/x"))).await;
-    let claims = bearer_claims(&stack.upstream.requests()[0]);
+    let claims = claims_of(&stack.upstream.requests()[0]);
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()

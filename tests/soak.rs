@@ -8,7 +8,6 @@
 
 mod support;
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -57,25 +56,6 @@ impl Body for Broken {
     }
 }
 
-/// One chunk, then nothing: only the client leaving ends it.
-struct Endless(bool);
-
-impl Body for Endless {
-    type Data = Bytes;
-    type Error = Infallible;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        _: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        if std::mem::replace(&mut self.0, true) {
-            Poll::Pending
-        } else {
-            Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(&[b'e'; 1024])))))
-        }
-    }
-}
-
 async fn upstream(pki: &TestPki) -> RunningServer {
     Upstream::builder()
         .tls(pki)
@@ -91,7 +71,9 @@ async fn upstream(pki: &TestPki) -> RunningServer {
                 }
                 "/broken" => http::Response::new(Broken(false).boxed()),
                 "/endless" => {
-                    let body: MockBody = Endless(false).map_err(|never| match never {}).boxed();
+                    let body: MockBody = Endless::new(Bytes::from_static(&[b'e'; 1024]), ())
+                        .map_err(|never| match never {})
+                        .boxed();
                     http::Response::new(body)
                 }
                 _ => json(StatusCode::OK, json!({"ok": true})),

@@ -118,6 +118,9 @@ pub struct Recorded {
     pub version: Version,
     /// Path and query exactly as received (percent-encoding and `+` untouched).
     pub target: String,
+    /// The URI's authority: HTTP/2's `:authority`; none for an HTTP/1.1 origin-form target,
+    /// whose authority is its `Host` header.
+    pub authority: Option<String>,
     /// Every header line in [`http::HeaderMap`] iteration order (grouped by name, in order of
     /// first appearance), repeated names kept. Names are lowercase.
     pub headers: Vec<(String, Vec<u8>)>,
@@ -148,6 +151,9 @@ impl Recorded {
                 || uri.path().to_owned(),
                 |target| target.as_str().to_owned(),
             ),
+            authority: uri
+                .authority()
+                .map(|authority| authority.as_str().to_owned()),
             headers: request
                 .headers()
                 .iter()

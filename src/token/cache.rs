@@ -598,6 +598,28 @@ mod tests {
         assert_eq!(cache.mint_counts().inline, 3);
     }
 
+    /// `margin` alone ends a token's use; `backdate` moves only its start (distinct values here,
+    /// unlike `settings()`, so that the two cannot stand in for each other).
+    #[test]
+    fn the_margin_not_the_backdate_ends_a_tokens_use() {
+        let clock = ManualClock::at(T0);
+        let settings = TokenSettings {
+            margin: Duration::from_secs(10),
+            backdate: Duration::from_secs(2),
+            ..settings()
+        };
+        let cache = TokenCache::new(Signer::new("kid", b"secret"), settings, clock.clone());
+        let first = cache.authorization();
+        // exp = T0 - 2 + 60: usable until exp - margin = T0 + 48.
+        clock.set(Duration::from_secs(T0 + 48) - Duration::from_millis(1));
+        assert_eq!(cache.authorization(), first);
+        assert!(cache.is_fresh());
+        clock.set(Duration::from_secs(T0 + 48));
+        assert!(!cache.is_fresh());
+        assert_ne!(cache.authorization(), first);
+        assert_eq!(cache.mint_counts().inline, 1);
+    }
+
     #[test]
     fn a_suspended_process_mints_a_fresh_token_on_its_first_request() {
         let clock = ManualClock::at(T0);

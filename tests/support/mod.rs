@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -170,6 +171,33 @@ pub fn h2c() -> HttpClient {
         .build_http()
 }
 
+/// An HTTP/2 prior-knowledge connection to `addr`, driven until it closes (the handle resolves
+/// then): for what the pooled client cannot send, such as a URI naming another authority, or a
+/// body other than `Full`.
+pub async fn h2c_connection<B>(
+    addr: SocketAddr,
+) -> (
+    hyper::client::conn::http2::SendRequest<B>,
+    tokio::task::JoinHandle<()>,
+)
+where
+    B: hyper::body::Body + Unpin + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (sender, connection) = hyper::client::conn::http2::handshake(
+        TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    let closed = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    (sender, closed)
+}
+
 /// A response with its whole body.
 pub struct Answer {
     pub status: http::StatusCode,
@@ -207,6 +235,79 @@ pub fn post_json(url: &str, body: serde_json::Value) -> Request<Full<Bytes>> {
 
 pub fn get(url: &str) -> Request<Full<Bytes>> {
     Request::get(url).body(Full::new(Bytes::new())).unwrap()
+}
+
+/// Asserts an error the proxy made itself: `status`, `Proxy-Status` naming `code`, and a JSON
+/// body with that code and a message, which it returns.
+pub fn assert_proxy_error(answer: &Answer, status: http::StatusCode, code: &str) -> String {
+    assert_eq!(answer.status, status, "{:?}", answer.body);
+    assert_eq!(
+        answer.headers["proxy-status"],
+        format!("idmatch-proxy; error={code}").as_str()
+    );
+    assert_eq!(answer.headers["content-type"], "application/json");
+    let body = answer.json();
+    assert_eq!(body["error"]["code"], code);
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(!message.is_empty(), "no message: {body}");
+    message.to_owned()
+}
+
+/// Waits until `done` resolves to true, asking every 5 ms, for at most `limit`; panics naming
+/// `what` otherwise. A plain condition is `|| std::future::ready(condition)`.
+pub async fn eventually<F>(limit: Duration, what: &str, mut done: impl FnMut() -> F)
+where
+    F: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    while !done().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not within {limit:?}: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// The claims of the tokens we sign, as an independent implementation (`jsonwebtoken`) reads
+/// them.
+#[derive(Debug, serde::Deserialize)]
+pub struct Claims {
+    pub iat: u64,
+    pub nbf: u64,
+    pub exp: u64,
+}
+
+/// The claims of `token` if it is an HS256 JWT signed with `secret`, its `kid` ours, and valid
+/// now to the second: `iat`, `nbf` and `exp` present, `nbf` passed, `exp` not.
+pub fn verify(token: &str, secret: &str) -> Result<Claims, String> {
+    use jsonwebtoken::{decode, decode_header, Algorithm, DecodingKey, Validation};
+    let header = decode_header(token).map_err(|e| e.to_string())?;
+    if header.kid.as_deref() != Some(KEY_ID) {
+        return Err(format!("kid {:?}", header.kid));
+    }
+    let mut validation = Validation::new(Algorithm::HS256);
+    validation.leeway = 0;
+    validation.validate_nbf = true;
+    validation.set_required_spec_claims(&["iat", "nbf", "exp"]);
+    decode::<Claims>(
+        token,
+        &DecodingKey::from_secret(secret.as_bytes()),
+        &validation,
+    )
+    .map(|data| data.claims)
+    .map_err(|e| e.to_string())
+}
+
+/// The claims of the one `Authorization: Bearer` value among `values`, which must be ours.
+pub fn bearer_claims<'a>(values: impl IntoIterator<Item = &'a [u8]>) -> Claims {
+    let values: Vec<&[u8]> = values.into_iter().collect();
+    assert_eq!(values.len(), 1, "exactly one Authorization header");
+    let token = std::str::from_utf8(values[0])
+        .ok()
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .unwrap_or_else(|| panic!("not a bearer token: {:?}", values[0]));
+    verify(token, SECRET).unwrap_or_else(|e| panic!("not our valid token ({e}): {token}"))
 }
 
 /// Writes raw bytes on a fresh connection and reads until the server closes it (send
@@ -415,6 +516,62 @@ pub fn refusing_port() -> Refusing {
     Refusing {
         addr: socket.local_addr().unwrap(),
         _socket: socket,
+    }
+}
+
+/// A body that sends `first`, then nothing, ever: only its reader leaving ends it, which drops
+/// `guard` (a test's way to see that happen).
+pub struct Endless<G = ()> {
+    first: Option<Bytes>,
+    _guard: G,
+}
+
+impl<G> Endless<G> {
+    pub fn new(first: Bytes, guard: G) -> Self {
+        Self {
+            first: Some(first),
+            _guard: guard,
+        }
+    }
+}
+
+impl<G: Unpin> hyper::body::Body for Endless<G> {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        match self.first.take() {
+            Some(first) => std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(first)))),
+            None => std::task::Poll::Pending,
+        }
+    }
+}
+
+/// A listener that accepts connections and never says a word, holding them open for as long
+/// as the value lives: a peer stalled after the TCP handshake.
+pub struct Silent {
+    pub addr: SocketAddr,
+    held: tokio::task::JoinHandle<()>,
+}
+
+pub async fn silent_listener() -> Silent {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            open.push(stream);
+        }
+    });
+    Silent { addr, held }
+}
+
+impl Drop for Silent {
+    fn drop(&mut self) {
+        self.held.abort();
     }
 }
 

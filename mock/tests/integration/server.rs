@@ -122,6 +122,7 @@ async fn records_raw_http1_requests_before_the_handler_runs() {
             method: Method::GET,
             version: Version::HTTP_11,
             target: "/p/%2e%2E/q?x=%2F&x=+&y=".to_owned(),
+            authority: None,
             headers: vec![
                 header("host", b"example.test"),
                 header("x-dup", b"one"),
