@@ -70,6 +70,8 @@ impl ProxyConfig {
 pub struct Proxy {
     pub addr: SocketAddr,
     pub admin: SocketAddr,
+    /// The callback listener, when the configuration has one.
+    pub callback: Option<SocketAddr>,
     pub tokens: Arc<TokenCache>,
     shutdown: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
@@ -85,12 +87,18 @@ impl Proxy {
         let loaded = config.load();
         let server = Server::with_clock(&loaded.config, clock).expect("server builds");
         let tokens = server.tokens().clone();
+        let callback = match &loaded.config.callback {
+            Some(_) => Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
+            None => None,
+        };
         let listeners = Listeners {
             proxy: TcpListener::bind("127.0.0.1:0").await.unwrap(),
             admin: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            callback,
         };
         let addr = listeners.proxy.local_addr().unwrap();
         let admin = listeners.admin.local_addr().unwrap();
+        let callback = listeners.callback.as_ref().map(|l| l.local_addr().unwrap());
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(server.serve(listeners, async {
             let _ = rx.await;
@@ -98,6 +106,7 @@ impl Proxy {
         Self {
             addr,
             admin,
+            callback,
             tokens,
             shutdown: Some(tx),
             task,
