@@ -261,6 +261,8 @@ pub struct Binary {
     child: std::process::Child,
     pub addr: SocketAddr,
     pub admin: SocketAddr,
+    /// The callback listener, when configured.
+    pub callback: Option<SocketAddr>,
     logs: Arc<std::sync::Mutex<Vec<String>>>,
     /// Collects stderr after the "ready" line; ends when the process closes it.
     reader: Option<std::thread::JoinHandle<()>>,
@@ -299,7 +301,7 @@ impl Binary {
             .unwrap();
         let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
         let logs = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (addr, admin) = loop {
+        let (addr, admin, callback) = loop {
             let line = lines
                 .next()
                 .expect("the proxy exited before it was ready")
@@ -308,7 +310,8 @@ impl Binary {
             let event: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
             if event["message"] == "idmatch-proxy ready" {
                 let addr = |field: &str| event[field].as_str().unwrap().parse().unwrap();
-                break (addr("listen"), addr("admin"));
+                let callback = event["callback"].as_str().map(|a| a.parse().unwrap());
+                break (addr("listen"), addr("admin"), callback);
             }
         };
         let collected = logs.clone();
@@ -321,6 +324,7 @@ impl Binary {
             child,
             addr,
             admin,
+            callback,
             logs,
             reader: Some(reader),
         }
