@@ -145,6 +145,7 @@ impl Clock for AdvancedClock {
 /// A proxy with a callback listener forwarding to `forward_url`, in front of a TLS upstream that
 /// must never see a callback.
 struct Setup {
+    pki: TestPki,
     upstream: RunningServer,
     proxy: Proxy,
     /// `http://<callback listener>`.
@@ -154,25 +155,31 @@ struct Setup {
 
 impl Setup {
     async fn start(forward_url: &str, settings: &[(&str, &str)]) -> Self {
-        Self::with_clock(forward_url, settings, Arc::new(SystemClock), |config| {
-            config
-        })
+        let api = MockApi::new(KEY_ID, SECRET);
+        Self::build(
+            api,
+            BASE,
+            forward_url,
+            settings,
+            Arc::new(SystemClock),
+            |c| c,
+        )
         .await
     }
 
-    async fn with_clock(
+    /// The proxy in front of `api` at `upstream_base`, with `clock`; `adjust` has the last
+    /// word on its settings.
+    async fn build(
+        api: MockApi,
+        upstream_base: &str,
         forward_url: &str,
         settings: &[(&str, &str)],
         clock: Arc<dyn Clock>,
         adjust: impl FnOnce(ProxyConfig) -> ProxyConfig,
     ) -> Self {
         let pki = TestPki::localhost();
-        let upstream = Upstream::builder()
-            .tls(&pki)
-            .handler(MockApi::new(KEY_ID, SECRET))
-            .start()
-            .await;
-        let mut config = ProxyConfig::new(&upstream.url(BASE), &pki)
+        let upstream = Upstream::builder().tls(&pki).handler(api).start().await;
+        let mut config = ProxyConfig::new(&upstream.url(upstream_base), &pki)
             .set("IDMATCH_CALLBACK_LISTEN", "127.0.0.1:0")
             .set("IDMATCH_CALLBACK_FORWARD_URL", forward_url);
         for (key, value) in settings {
@@ -182,11 +189,27 @@ impl Setup {
         let proxy = Proxy::start_with_clock(&config, clock).await;
         let base = format!("http://{}", proxy.callback.expect("a callback listener"));
         Self {
+            pki,
             upstream,
             proxy,
             base,
             _config: config,
         }
+    }
+
+    /// A device loading `session_url` (the mock's, over TLS): the session completes.
+    async fn load_session(&self, session_url: &str) -> String {
+        let path = session_url.parse::<http::Uri>().unwrap().path().to_owned();
+        let tls = tokio_rustls::TlsConnector::from(self.pki.client_config(&[b"http/1.1"]));
+        let tcp = TcpStream::connect(self.upstream.addr()).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        let mut stream = tls.connect(name, tcp).await.unwrap();
+        let request =
+            format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = String::new();
+        let _ = tokio::io::AsyncReadExt::read_to_string(&mut stream, &mut answer).await;
+        answer
     }
 
     fn url(&self, target: &str) -> String {
@@ -467,7 +490,9 @@ async fn the_previous_secret_passes_only_during_its_grace_period() {
     let dir = tempfile::tempdir().unwrap();
     let secret_file = dir.path().join("secret");
     std::fs::write(&secret_file, SECRET).unwrap();
-    let setup = Setup::with_clock(
+    let setup = Setup::build(
+        MockApi::new(KEY_ID, SECRET),
+        BASE,
         &format!("http://{app_addr}"),
         &[
             ("IDMATCH_CALLBACK_PREVIOUS_SECRET_GRACE", "5m"),
@@ -573,5 +598,140 @@ async fn poll_until(condition: impl Fn() -> bool) {
             "condition never held"
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// The whole loop: the mock (as CM.com) signs a Number Verify event when the session completes,
+/// the listener verifies it and the app receives it; an app answering 503 gets it again on the
+/// mock's retry, with the same event id.
+#[tokio::test]
+async fn the_mocks_number_verify_callbacks_reach_the_app_verified() {
+    let (app, app_addr) = App::start(503).await;
+    let api = MockApi::builder(KEY_ID, SECRET)
+        .allow_http_callbacks(true)
+        .callback_retry_delays(vec![Duration::from_millis(10)])
+        .build();
+    let setup = Setup::build(
+        api,
+        BASE,
+        &format!("http://{app_addr}/app"),
+        &[],
+        Arc::new(SystemClock),
+        |c| c,
+    )
+    .await;
+    let body = serde_json::json!({
+        "phoneNumber": "+31610000001",
+        "callbackUrl": setup.url("/cm/number-verify?customer=42"),
+    });
+    let started = send(
+        &http1(),
+        post_json(&setup.proxy.url("/number-verify"), body),
+    )
+    .await;
+    assert_eq!(started.status, StatusCode::OK);
+    let started = started.json();
+    assert!(app.deliveries().is_empty(), "no event while pending");
+    let loaded = setup
+        .load_session(started["sessionUrl"].as_str().unwrap())
+        .await;
+    assert!(loaded.starts_with("HTTP/1.1 200"), "{loaded}");
+
+    poll_until(|| app.deliveries().len() == 1).await;
+    app.answer(200);
+    poll_until(|| app.deliveries().len() == 2).await;
+    let deliveries = app.deliveries();
+    assert_eq!(
+        deliveries[0].body, deliveries[1].body,
+        "a retry is the same event"
+    );
+    let delivery = &deliveries[1];
+    assert_eq!(delivery.target, "/app/cm/number-verify?customer=42");
+    assert_eq!(delivery.headers["idmatch-callback-verified"], "true");
+    assert!(!delivery.headers.contains_key("authorization"));
+    let text = String::from_utf8(delivery.body.to_vec()).unwrap();
+    let id = started["id"].as_str().unwrap();
+    // CM.com's key order (fact sheet §4.1).
+    let expected_start = "{\"id\":\"";
+    let expected_middle = format!(
+        "\",\"type\":\"numberVerify.state\",\"numberVerify\":{{\"id\":\"{id}\",\"state\":\"completed\",\"match\":true}},\"created\":\""
+    );
+    assert!(text.starts_with(expected_start), "{text}");
+    assert!(text.contains(&expected_middle), "{text}");
+    assert!(text.ends_with("+00:00\"}"), "{text}");
+    let event: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(event["id"].as_str().unwrap().len(), 36);
+    assert_ne!(
+        event["id"], started["id"],
+        "the event's id is not the transaction's"
+    );
+    assert_eq!(
+        setup
+            .metric("callbacks_forwarded_total{result=\"5xx\"}")
+            .await,
+        1.0
+    );
+    assert_eq!(
+        setup
+            .metric("callbacks_forwarded_total{result=\"2xx\"}")
+            .await,
+        1.0
+    );
+}
+
+/// The Verification service's events: the state when silent authentication succeeds, then the
+/// state and the type when a code is submitted.
+#[tokio::test]
+async fn the_mocks_verification_callbacks_reach_the_app_verified() {
+    let (app, app_addr) = App::start(200).await;
+    let api = MockApi::builder(KEY_ID, SECRET)
+        .allow_http_callbacks(true)
+        .build();
+    let setup = Setup::build(
+        api,
+        idmatch_mock::api::VERIFICATION_BASE_PATHS[0],
+        &format!("http://{app_addr}"),
+        &[],
+        Arc::new(SystemClock),
+        |c| c,
+    )
+    .await;
+    let body = serde_json::json!({
+        "phoneNumber": "+31610000001",
+        "callbackUrl": setup.url("/cm/verify"),
+    });
+    let started = send(&http1(), post_json(&setup.proxy.url("/verify"), body))
+        .await
+        .json();
+    let id = started["id"].as_str().unwrap();
+    setup
+        .load_session(started["sessionUrl"].as_str().unwrap())
+        .await;
+    poll_until(|| app.deliveries().len() == 1).await;
+    let code = serde_json::json!({ "verificationCode": "111111" });
+    let request = Request::put(setup.proxy.url(&format!("/verify/{id}")))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(code.to_string())))
+        .unwrap();
+    assert_eq!(send(&http1(), request).await.status, StatusCode::OK);
+    poll_until(|| app.deliveries().len() == 3).await;
+
+    let events: Vec<serde_json::Value> = app
+        .deliveries()
+        .iter()
+        .map(|delivery| serde_json::from_slice(&delivery.body).unwrap())
+        .collect();
+    let verification =
+        |state: &str, kind: &str| serde_json::json!({ "id": id, "state": state, "type": kind });
+    assert_eq!(events[0]["type"], "verification.state");
+    assert_eq!(events[0]["verification"], verification("success", "silent"));
+    let mut later: Vec<&str> = events[1..]
+        .iter()
+        .map(|e| e["type"].as_str().unwrap())
+        .collect();
+    later.sort_unstable();
+    assert_eq!(later, ["verification.state", "verification.type"]);
+    for event in &events[1..] {
+        assert_eq!(event["verification"], verification("failed", "smart"));
     }
 }
