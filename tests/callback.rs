@@ -735,3 +735,49 @@ async fn the_mocks_verification_callbacks_reach_the_app_verified() {
         assert_eq!(event["verification"], verification("failed", "smart"));
     }
 }
+
+/// The real binary binds the listener from its settings and logs each callback without its
+/// signature, body or query, even at `trace`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_serves_callbacks_and_never_logs_signatures_or_bodies() {
+    let (app, app_addr) = App::start(204).await;
+    let pki = TestPki::localhost();
+    let config = ProxyConfig::new("https://127.0.0.1:9/mobile-identity/v1", &pki)
+        .set("IDMATCH_CALLBACK_LISTEN", "127.0.0.1:0")
+        .set(
+            "IDMATCH_CALLBACK_FORWARD_URL",
+            &format!("http://{app_addr}"),
+        )
+        .set("RUST_LOG", "trace");
+    let mut binary = tokio::task::block_in_place(|| Binary::serve(&config.env));
+    let url = format!("http://{}/cm?phone=31610000001", binary.callback.unwrap());
+    let body = event("logged-nowhere");
+    let signature = authorization(SECRET, &body);
+    let answer = send(&http1(), callback(&url, Some(&signature), body.clone())).await;
+    assert_eq!(answer.status, StatusCode::NO_CONTENT);
+    let answer = send(&http1(), callback(&url, Some("HMAC AAAA"), body)).await;
+    assert_eq!(answer.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(app.deliveries().len(), 1);
+
+    binary.signal("TERM");
+    let (status, logs) = binary.finish(Duration::from_secs(30));
+    assert!(status.success());
+    let callbacks = logs
+        .iter()
+        .filter(|line| line.contains("\"message\":\"callback\""))
+        .count();
+    assert_eq!(callbacks, 2, "{logs:#?}");
+    let token = signature.trim_start_matches("HMAC ");
+    for line in &logs {
+        for secret in [
+            token,
+            "logged-nowhere",
+            "numberVerify",
+            "31610000001",
+            "AAAA",
+            SECRET,
+        ] {
+            assert!(!line.contains(secret), "{secret:?} logged: {line}");
+        }
+    }
+}
