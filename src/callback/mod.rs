@@ -126,8 +126,8 @@ impl Callbacks {
         metrics.received.inc();
         // The path only: the query is the customer's and may carry a reference to a person.
         let path = request.uri().path().to_owned();
-        let (response, outcome) = match self.receive(request, metrics).await {
-            Ok((response, outcome)) => (response, outcome),
+        let (response, outcome, error) = match self.receive(request, metrics).await {
+            Ok((response, outcome)) => (response, outcome, None),
             Err(error) => {
                 let outcome = match &error {
                     ProxyError::CallbackApp(_) | ProxyError::CallbackAppTimeout(_) => "failed",
@@ -137,8 +137,9 @@ impl Callbacks {
                         reason
                     }
                 };
-                tracing::info!(target: "idmatch_proxy::callback", %error, "callback not delivered");
-                (error.into_response(), outcome)
+                // The message names what failed, never the signature or the body.
+                let message = error.to_string();
+                (error.into_response(), outcome, Some(message))
             }
         };
         tracing::info!(
@@ -146,6 +147,7 @@ impl Callbacks {
             %path,
             status = response.status().as_u16(),
             outcome,
+            error = error.as_deref(),
             duration_ms = started.elapsed().as_secs_f64() * 1000.0,
             "callback"
         );
