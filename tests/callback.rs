@@ -781,3 +781,42 @@ async fn the_binary_serves_callbacks_and_never_logs_signatures_or_bodies() {
         }
     }
 }
+
+/// A body that stops arriving gets 408; a head that never completes, a closed connection.
+#[tokio::test]
+async fn slow_heads_and_bodies_are_cut_off() {
+    let (app, app_addr) = App::start(200).await;
+    let setup = Setup::start(
+        &format!("http://{app_addr}"),
+        &[
+            ("IDMATCH_CALLBACK_BODY_TIMEOUT", "200ms"),
+            ("IDMATCH_CALLBACK_HEADER_TIMEOUT", "200ms"),
+        ],
+    )
+    .await;
+    let mut stream = TcpStream::connect(setup.callback_addr()).await.unwrap();
+    let head = "POST /cm HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"id\":";
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let (status, _, _) = read_response(&mut stream).await;
+    assert_eq!(status, StatusCode::REQUEST_TIMEOUT);
+
+    let mut stream = TcpStream::connect(setup.callback_addr()).await.unwrap();
+    stream
+        .write_all(b"POST /cm HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::io::AsyncReadExt::read_to_end(&mut stream, &mut rest),
+    )
+    .await;
+    assert!(closed.is_ok(), "the slow head's connection stayed open");
+    assert!(app.deliveries().is_empty());
+    assert_eq!(
+        setup
+            .metric("callbacks_refused_total{reason=\"body_incomplete\"}")
+            .await,
+        1.0
+    );
+}
