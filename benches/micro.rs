@@ -18,6 +18,14 @@
 //!   upstream's `Host` put in place of the client's, as the pool does for HTTP/1.1. Python's
 //!   `requests` and Java's `HttpClient` add `Connection: keep-alive` before other fields, so
 //!   the map is rebuilt to keep the order of the rest; curl's head needs no rebuild.
+//! - `pace/empty_queue/{0s,1s}`: what the rate limiter costs a request that finds no other
+//!   waiting, with the limiter off (`0s`: the proxy's `Option` check) and on (`1s`: queue
+//!   count, reservation, the due check that needs no timer, the wait histogram). Both run the
+//!   same harness (a paused tokio clock moved on by a second, so that every request finds the
+//!   credential idle): the difference between the two is the limiter's cost.
+//! - `pace/redis/*`: reservations against one local `redis-server` (the script, one round trip
+//!   each), one at a time and 32 in flight; criterion's time per reservation is the inverse of
+//!   reservations per second. Skipped, saying so, without `redis-server`.
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -28,6 +36,10 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use idmatch_proxy::config::TokenSettings;
 use idmatch_proxy::headers;
 use idmatch_proxy::token::{claims_at, Clock, Signer, SystemClock, TokenCache};
+
+// For its redis-server.
+#[path = "../tests/support/mod.rs"]
+mod support;
 
 /// CM.com's documentation example: a UUID key id and a 54-character secret.
 const KEY_ID: &str = "3b438437-04a4-40bb-8389-54bb02766fba";
@@ -160,5 +172,108 @@ fn floor(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, token, request, floor);
+fn pace(c: &mut Criterion) {
+    use idmatch_proxy::metrics::Metrics;
+    use idmatch_proxy::pace::Pacer;
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    let mut group = c.benchmark_group("pace/empty_queue");
+    for interval in ["0s", "1s"] {
+        let settings = rate_limit(interval);
+        let pacer =
+            runtime.block_on(async { Pacer::new(&settings, KEY_ID, Arc::new(Metrics::new())) });
+        group.bench_function(interval, |b| {
+            b.iter(|| {
+                runtime.block_on(async {
+                    tokio::time::advance(Duration::from_secs(1)).await;
+                    // As the proxy's request path asks.
+                    match &pacer {
+                        Some(pacer) => pacer.wait_turn().await.unwrap(),
+                        None => Duration::ZERO,
+                    }
+                })
+            })
+        });
+    }
+    group.finish();
+
+    let Some(_) = support::RedisServer::program() else {
+        println!(
+            "pace/redis: skipped: redis-server is not installed (apt-get install redis-server)"
+        );
+        return;
+    };
+    let redis = support::RedisServer::start();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut settings = rate_limit("1s");
+    settings.redis = Some(idmatch_proxy::config::Redis {
+        connection: redis::IntoConnectionInfo::into_connection_info(redis.url().as_str()).unwrap(),
+        url: redis.url(),
+        password_file: None,
+        ca: None,
+    });
+    // Slots a microsecond apart, and room for all of them: every reservation succeeds.
+    let store = runtime.block_on(async {
+        idmatch_proxy::pace::redis::Store::new(
+            settings.redis.as_ref().unwrap(),
+            KEY_ID,
+            Duration::from_micros(1),
+            Duration::from_secs(1),
+        )
+        .unwrap()
+    });
+    let store = Arc::new(store);
+    let max_wait = Duration::from_secs(24 * 3600);
+    let mut group = c.benchmark_group("pace/redis");
+    for in_flight in [1_u64, 32] {
+        group.bench_function(format!("reserve/{in_flight}_in_flight"), |b| {
+            b.iter_custom(|iters| {
+                let store = store.clone();
+                runtime.block_on(async move {
+                    let started = std::time::Instant::now();
+                    let mut tasks = tokio::task::JoinSet::new();
+                    for task in 0..in_flight {
+                        let store = store.clone();
+                        // `iters` reservations in all, spread over the tasks.
+                        let share = iters / in_flight + u64::from(task < iters % in_flight);
+                        tasks.spawn(async move {
+                            for _ in 0..share {
+                                store.reserve(max_wait).await.unwrap();
+                            }
+                        });
+                    }
+                    tasks.join_all().await;
+                    started.elapsed()
+                })
+            })
+        });
+    }
+    group.finish();
+}
+
+/// The default `rate_limit` settings with `interval`.
+fn rate_limit(interval: &str) -> idmatch_proxy::config::RateLimit {
+    let env = [
+        ("IDMATCH_KEY_ID", KEY_ID),
+        ("IDMATCH_SECRET", "bench-secret"),
+        ("IDMATCH_RATE_LIMIT_INTERVAL", interval),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    idmatch_proxy::config::Config::from_parts(None, &env)
+        .unwrap()
+        .config
+        .rate_limit
+}
+
+criterion_group!(benches, token, request, floor, pace);
 criterion_main!(benches);

@@ -17,6 +17,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
 
 use crate::metrics::Metrics;
+use crate::pace::Pacer;
 use crate::token::TokenCache;
 
 /// What the endpoints report on, and act on.
@@ -27,6 +28,9 @@ pub struct State {
     pub draining: Arc<AtomicBool>,
     /// Notified once a `POST /quitquitquit` has been answered: the server drains as on SIGTERM.
     pub quit: Arc<Notify>,
+    /// The rate limiter, if on, for the seconds until its next free slot. Readiness never
+    /// asks it: traffic must not stop because Redis did.
+    pub pacer: Option<Arc<Pacer>>,
 }
 
 /// Marks the answer to an accepted `POST /quitquitquit`.
@@ -87,6 +91,10 @@ fn answer<B>(state: &State, request: &Request<B>, peer: SocketAddr) -> Response<
         "/livez" => json(StatusCode::OK, r#"{"status":"alive"}"#),
         "/readyz" => readiness(state),
         "/metrics" => {
+            if let Some(pacer) = &state.pacer {
+                let free_in = pacer.seconds_until_free();
+                state.metrics.rate_limit_next_free.set(free_in);
+            }
             let mut response =
                 Response::new(Full::new(Bytes::from(state.metrics.render(&state.tokens))));
             response.headers_mut().insert(
@@ -176,6 +184,7 @@ mod tests {
             metrics: Arc::new(Metrics::new()),
             draining: Arc::new(AtomicBool::new(false)),
             quit: Arc::new(Notify::new()),
+            pacer: None,
         }
     }
 

@@ -47,6 +47,7 @@ pub struct Config {
     pub worker_threads: Option<usize>,
     pub client: ClientLimits,
     pub log: LogSettings,
+    pub rate_limit: RateLimit,
     /// The listener for CM.com's signed callbacks; `None` when `callback.listen` is unset.
     pub callback: Option<CallbackSettings>,
 }
@@ -88,6 +89,38 @@ impl fmt::Display for ForwardUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}://{}{}", self.scheme, self.authority, self.base_path)
     }
+}
+
+/// CM.com's one request per second per credential set, kept for the applications.
+#[derive(Clone, Debug)]
+pub struct RateLimit {
+    /// Between two requests sent with the credential; zero turns the limiter off.
+    pub interval: Duration,
+    /// A request whose send slot is further away than this gets a 429 at once.
+    pub max_wait: Duration,
+    /// Requests waiting for their slot at once, in this replica; beyond it, a 429.
+    pub max_queued: usize,
+    /// Replicas expected to share the credential: while the shared store is unreachable, each
+    /// paces at `interval × replicas`.
+    pub replicas: u32,
+    /// The shared store, when replicas keep the limit together.
+    pub redis: Option<Redis>,
+    /// Bounds each reservation's round trip to `redis`; beyond it, local pacing takes over.
+    pub redis_timeout: Duration,
+}
+
+/// A Redis or Valkey that every replica reserves its slots in.
+#[derive(Clone, Debug)]
+pub struct Redis {
+    /// Parsed from `rate_limit.redis_url`, with the password from its file; its `Debug`
+    /// redacts the password.
+    pub connection: redis::ConnectionInfo,
+    /// The URL as written (it holds no password: that one comes from a file).
+    pub url: String,
+    pub password_file: Option<PathBuf>,
+    /// For `rediss://`: the PEM CA bundle the store's certificate must chain to, instead of the
+    /// system's roots (`rate_limit.redis_ca_file`), and where it was read from.
+    pub ca: Option<(PathBuf, Vec<u8>)>,
 }
 
 /// What the proxy tolerates from the applications that call it.
@@ -439,6 +472,14 @@ enum Key {
     ClientMaxBodyBytes,
     LogFormat,
     LogRedactQuery,
+    RateLimitInterval,
+    RateLimitMaxWait,
+    RateLimitMaxQueued,
+    RateLimitReplicas,
+    RateLimitRedisUrl,
+    RateLimitRedisPasswordFile,
+    RateLimitRedisCaFile,
+    RateLimitRedisTimeout,
     CallbackListen,
     CallbackForwardUrl,
     CallbackMaxBodyBytes,
@@ -471,7 +512,7 @@ enum Toml {
 
 impl Key {
     /// The order of `Loaded::effective`, as in the example file.
-    const ALL: [Key; 41] = [
+    const ALL: [Key; 49] = [
         Key::Listen,
         Key::AdminListen,
         Key::DrainDelay,
@@ -503,6 +544,14 @@ impl Key {
         Key::ClientMaxBodyBytes,
         Key::LogFormat,
         Key::LogRedactQuery,
+        Key::RateLimitInterval,
+        Key::RateLimitMaxWait,
+        Key::RateLimitMaxQueued,
+        Key::RateLimitReplicas,
+        Key::RateLimitRedisUrl,
+        Key::RateLimitRedisPasswordFile,
+        Key::RateLimitRedisCaFile,
+        Key::RateLimitRedisTimeout,
         Key::CallbackListen,
         Key::CallbackForwardUrl,
         Key::CallbackMaxBodyBytes,
@@ -552,6 +601,14 @@ impl Key {
             Key::ClientMaxBodyBytes => row("client.max_body_bytes", "IDMATCH_CLIENT_MAX_BODY_BYTES", None, Str(SIZE)),
             Key::LogFormat => row("log.format", "IDMATCH_LOG_FORMAT", Some("auto"), Str(LOG_FORMAT)),
             Key::LogRedactQuery => row("log.redact_query", "IDMATCH_LOG_REDACT_QUERY", Some("true"), Bool),
+            Key::RateLimitInterval => row("rate_limit.interval", "IDMATCH_RATE_LIMIT_INTERVAL", Some("1s"), Str(DURATION)),
+            Key::RateLimitMaxWait => row("rate_limit.max_wait", "IDMATCH_RATE_LIMIT_MAX_WAIT", Some("5s"), Str(DURATION)),
+            Key::RateLimitMaxQueued => row("rate_limit.max_queued", "IDMATCH_RATE_LIMIT_MAX_QUEUED", Some("128"), Str(COUNT)),
+            Key::RateLimitReplicas => row("rate_limit.replicas", "IDMATCH_RATE_LIMIT_REPLICAS", Some("1"), Str(COUNT)),
+            Key::RateLimitRedisUrl => row("rate_limit.redis_url", "IDMATCH_RATE_LIMIT_REDIS_URL", None, Str(REDIS_URL)),
+            Key::RateLimitRedisPasswordFile => row("rate_limit.redis_password_file", "IDMATCH_RATE_LIMIT_REDIS_PASSWORD_FILE", None, Str(PATH)),
+            Key::RateLimitRedisCaFile => row("rate_limit.redis_ca_file", "IDMATCH_RATE_LIMIT_REDIS_CA_FILE", None, Str(PATH)),
+            Key::RateLimitRedisTimeout => row("rate_limit.redis_timeout", "IDMATCH_RATE_LIMIT_REDIS_TIMEOUT", Some("200ms"), Str(DURATION)),
             Key::CallbackListen => row("callback.listen", "IDMATCH_CALLBACK_LISTEN", None, Str(ADDR)),
             Key::CallbackForwardUrl => row("callback.forward_url", "IDMATCH_CALLBACK_FORWARD_URL", None, Str(FORWARD_URL)),
             Key::CallbackMaxBodyBytes => row("callback.max_body_bytes", "IDMATCH_CALLBACK_MAX_BODY_BYTES", Some("64KiB"), Str(SIZE)),
@@ -610,6 +667,7 @@ const COUNT: &str = "a positive integer";
 const THREADS: &str = "auto or a positive integer";
 const LOG_FORMAT: &str = "auto, json or pretty";
 const PROXY: &str = "an http:// proxy URL like http://proxy.internal:3128";
+const REDIS_URL: &str = "a redis:// or rediss:// URL like redis://valkey.internal:6379";
 const NO_PROXY: &str = "a comma-separated list of host names, domain suffixes, IP addresses or *";
 
 /// Variables that other tools also honour, read when ours is unset; first found wins.
@@ -897,6 +955,21 @@ impl Layers {
             format: self.value(Key::LogFormat, log_format)?,
             redact_query: self.value(Key::LogRedactQuery, boolean)?,
         };
+        let replicas = self.value(Key::RateLimitReplicas, count)?;
+        let mut rate_limit = RateLimit {
+            interval: self.duration(Key::RateLimitInterval, Millis)?,
+            max_wait: self.duration(Key::RateLimitMaxWait, Millis)?,
+            max_queued: self.value(Key::RateLimitMaxQueued, count)?,
+            replicas: u32::try_from(replicas).map_err(|_| {
+                self.error(
+                    Key::RateLimitReplicas,
+                    format!("must be at most {}", u32::MAX),
+                )
+            })?,
+            redis: None,
+            redis_timeout: self.positive(Key::RateLimitRedisTimeout, Millis)?,
+        };
+        let redis_url = self.optional(Key::RateLimitRedisUrl, redis_url)?;
         let callback = self.callback()?;
 
         // Files last, once everything they could be wasted on is known to be valid.
@@ -909,6 +982,9 @@ impl Layers {
         };
         let (secret, secret_file) = self.secret()?;
         let (key_id, key_id_file) = self.key_id()?;
+        if let Some((url, connection)) = redis_url {
+            rate_limit.redis = Some(self.redis(url, connection)?);
+        }
         // A key id file pointed at the secret would put the secret in every token's header.
         if key_id.as_bytes() == secret.expose() {
             let key = match key_id_file {
@@ -952,6 +1028,47 @@ impl Layers {
             },
             token,
             shutdown_timeout,
+            rate_limit,
+        })
+    }
+
+    /// The shared store's settings, its password read from its file.
+    fn redis(&self, url: String, connection: redis::ConnectionInfo) -> Result<Redis, ConfigError> {
+        let password_file = self.path(Key::RateLimitRedisPasswordFile)?;
+        let connection = match &password_file {
+            Some(file) => {
+                let password = read_credential(file)
+                    .map_err(|p| self.error(Key::RateLimitRedisPasswordFile, p))?;
+                let password = String::from_utf8(password).expect("read_credential checks UTF-8");
+                let settings = connection.redis_settings().clone().set_password(password);
+                connection.set_redis_settings(settings)
+            }
+            None => connection,
+        };
+        let ca = match self.path(Key::RateLimitRedisCaFile)? {
+            Some(_) if !matches!(connection.addr(), redis::ConnectionAddr::TcpTls { .. }) => {
+                return Err(self.error(
+                    Key::RateLimitRedisCaFile,
+                    format!(
+                        "applies to rediss:// only; {} is redis://",
+                        Key::RateLimitRedisUrl.name()
+                    ),
+                ));
+            }
+            Some(file) => {
+                let error = |p| self.error(Key::RateLimitRedisCaFile, p);
+                // Checked as the upstream's CA file is; the store's client takes the PEM.
+                read_certificates(&file).map_err(error)?;
+                let pem = read_bounded(&file, MAX_CA_FILE).map_err(error)?;
+                Some((file, pem))
+            }
+            None => None,
+        };
+        Ok(Redis {
+            connection,
+            url,
+            password_file,
+            ca,
         })
     }
 
@@ -1121,6 +1238,8 @@ impl Layers {
 
     fn effective(&self, config: &Config) -> Vec<Setting> {
         let (upstream, token) = (&config.upstream, &config.token);
+        let rate_limit = &config.rate_limit;
+        let redis = rate_limit.redis.as_ref();
         let path = |path: &Option<PathBuf>| {
             path.as_ref()
                 .map_or_else(|| "(none)".into(), |p| p.display().to_string())
@@ -1174,6 +1293,20 @@ impl Layers {
                     Key::TokenMargin => show_duration(token.margin),
                     Key::TokenBackdate => show_duration(token.backdate),
                     Key::ShutdownTimeout => show_duration(config.shutdown_timeout),
+                    Key::RateLimitInterval => show_duration(rate_limit.interval),
+                    Key::RateLimitMaxWait => show_duration(rate_limit.max_wait),
+                    Key::RateLimitMaxQueued => rate_limit.max_queued.to_string(),
+                    Key::RateLimitReplicas => rate_limit.replicas.to_string(),
+                    Key::RateLimitRedisUrl => {
+                        redis.map_or_else(|| "(none)".into(), |r| r.url.clone())
+                    }
+                    Key::RateLimitRedisPasswordFile => {
+                        path(&redis.and_then(|r| r.password_file.clone()))
+                    }
+                    Key::RateLimitRedisCaFile => {
+                        path(&redis.and_then(|r| r.ca.as_ref().map(|(file, _)| file.clone())))
+                    }
+                    Key::RateLimitRedisTimeout => show_duration(rate_limit.redis_timeout),
                     Key::CallbackListen
                     | Key::CallbackForwardUrl
                     | Key::CallbackMaxBodyBytes
@@ -1477,6 +1610,35 @@ fn proxy_url(text: &str) -> Result<Uri, String> {
     }
 }
 
+/// A `redis://` or `rediss://` URL without a password (that comes from a file), and the
+/// connection it names. Never echoed: a mistyped password would be.
+fn redis_url(text: &str) -> Result<(String, redis::ConnectionInfo), String> {
+    let uri = text
+        .parse::<Uri>()
+        .map_err(|_| format!("expected {REDIS_URL}"))?;
+    let scheme = uri.scheme_str().unwrap_or_default();
+    if scheme != "redis" && scheme != "rediss" {
+        return Err(format!("expected {REDIS_URL}, got scheme {scheme:?}"));
+    }
+    let authority = uri.authority().map_or("", |a| a.as_str());
+    if authority
+        .rsplit_once('@')
+        .is_some_and(|(user, _)| user.contains(':'))
+    {
+        return Err(format!(
+            "must not contain a password: set {} instead",
+            Key::RateLimitRedisPasswordFile.name()
+        ));
+    }
+    // `redis` reads a fragment as options (`#insecure` turns off certificate checks).
+    if text.contains('#') || uri.query().is_some() {
+        return Err("must not have a query or a fragment".into());
+    }
+    let connection = redis::IntoConnectionInfo::into_connection_info(text)
+        .map_err(|_| format!("expected {REDIS_URL}"))?;
+    Ok((text.to_owned(), connection))
+}
+
 /// The proxy URL with any password replaced, for display.
 fn redacted_proxy(uri: &Uri) -> String {
     let authority = uri.authority().map_or("", |a| a.as_str());
@@ -1776,6 +1938,9 @@ mod tests {
                 | "upstream.no_proxy"
                 | "credentials.key_id_file"
                 | "client.max_body_bytes"
+                | "rate_limit.redis_url"
+                | "rate_limit.redis_password_file"
+                | "rate_limit.redis_ca_file"
                 | "callback.listen"
                 | "callback.forward_url" => Origin::Default,
                 "credentials.secret_file" | "credentials.secret" => {
@@ -1884,7 +2049,7 @@ mod tests {
             }
             checked += 1;
         }
-        assert_eq!(checked, 16, "every duration key");
+        assert_eq!(checked, 19, "every duration key");
     }
 
     #[test]
@@ -2153,6 +2318,9 @@ mod tests {
                  token.lifetime, token.refresh_before, token.margin, token.backdate, \
                  client.header_timeout, client.idle_timeout, client.max_header_bytes, \
                  client.max_in_flight, client.max_body_bytes, log.format, log.redact_query, \
+                 rate_limit.interval, rate_limit.max_wait, rate_limit.max_queued, \
+                 rate_limit.replicas, rate_limit.redis_url, rate_limit.redis_password_file, \
+                 rate_limit.redis_ca_file, rate_limit.redis_timeout, \
                  callback.listen, callback.forward_url, callback.max_body_bytes, \
                  callback.header_timeout, callback.body_timeout, callback.forward_timeout, \
                  callback.max_in_flight, callback.previous_secret_grace, callback.dedup_ttl, \
@@ -2562,6 +2730,117 @@ mod tests {
             );
             assert!(message.contains(wanted), "{message}");
         }
+    }
+
+    #[test]
+    fn rate_limit_keys_parse() {
+        let defaults = load(None, &env_with(&[])).unwrap().config.rate_limit;
+        assert_eq!(defaults.interval, secs(1));
+        assert_eq!(defaults.max_wait, secs(5));
+        assert_eq!(defaults.max_queued, 128);
+        assert_eq!(defaults.replicas, 1);
+        assert!(defaults.redis.is_none());
+        assert_eq!(defaults.redis_timeout, Duration::from_millis(200));
+
+        let password = temp_file(b"hunter2-redis\n");
+        let loaded = load(
+            Some(
+                "[rate_limit]\ninterval = \"0s\"\nmax_wait = \"1500ms\"\nmax_queued = \"3\"\n\
+                 replicas = \"4\"\nredis_url = \"rediss://user@valkey.internal:6380/2\"",
+            ),
+            &env_with(&[("IDMATCH_RATE_LIMIT_REDIS_PASSWORD_FILE", path_of(&password))]),
+        )
+        .unwrap();
+        let rate_limit = &loaded.config.rate_limit;
+        assert_eq!(rate_limit.interval, Duration::ZERO, "0s turns it off");
+        assert_eq!(rate_limit.max_wait, Duration::from_millis(1500));
+        assert_eq!((rate_limit.max_queued, rate_limit.replicas), (3, 4));
+        let redis = rate_limit.redis.as_ref().unwrap();
+        assert_eq!(
+            redis.connection.redis_settings().password(),
+            Some("hunter2-redis")
+        );
+        assert_eq!(redis.connection.redis_settings().username(), Some("user"));
+        assert_eq!(redis.connection.redis_settings().db(), 2);
+        assert!(matches!(
+            redis.connection.addr(),
+            redis::ConnectionAddr::TcpTls { port: 6380, .. }
+        ));
+        // The password shows nowhere: not in `check`, not in `Debug`.
+        let rendered = loaded.render();
+        assert!(
+            rendered.contains("rediss://user@valkey.internal:6380/2"),
+            "{rendered}"
+        );
+        assert!(!rendered.contains("hunter2"), "{rendered}");
+        assert!(!format!("{:?}", loaded.config).contains("hunter2"));
+
+        for (var, value, wanted) in [
+            ("IDMATCH_RATE_LIMIT_INTERVAL", "1", "a duration"),
+            ("IDMATCH_RATE_LIMIT_MAX_QUEUED", "0", "a positive integer"),
+            ("IDMATCH_RATE_LIMIT_REPLICAS", "-1", "a positive integer"),
+            (
+                "IDMATCH_RATE_LIMIT_REDIS_TIMEOUT",
+                "0s",
+                "greater than zero",
+            ),
+            (
+                "IDMATCH_RATE_LIMIT_REDIS_URL",
+                "http://valkey:6379",
+                "got scheme \"http\"",
+            ),
+            (
+                "IDMATCH_RATE_LIMIT_REDIS_URL",
+                "valkey:6379",
+                "a redis:// or rediss:// URL",
+            ),
+            (
+                "IDMATCH_RATE_LIMIT_REDIS_URL",
+                "rediss://valkey/#insecure",
+                "fragment",
+            ),
+            (
+                "IDMATCH_RATE_LIMIT_REDIS_URL",
+                "redis://:pw-in-url@valkey:6379",
+                "must not contain a password: set rate_limit.redis_password_file",
+            ),
+        ] {
+            let message = env_error(&[(var, value)]);
+            assert!(
+                message.starts_with(&format!("{var} (environment): ")),
+                "{message}"
+            );
+            assert!(message.contains(wanted), "{message}");
+            assert!(!message.contains("pw-in-url"), "{message}");
+        }
+        let message = env_error(&[
+            ("IDMATCH_RATE_LIMIT_REDIS_URL", "redis://valkey:6379"),
+            ("IDMATCH_RATE_LIMIT_REDIS_CA_FILE", "/etc/ssl/ca.pem"),
+        ]);
+        assert_eq!(
+            message,
+            "IDMATCH_RATE_LIMIT_REDIS_CA_FILE (environment): applies to rediss:// only; \
+             rate_limit.redis_url is redis://"
+        );
+        let not_pem = temp_file(b"not a certificate");
+        let message = env_error(&[
+            ("IDMATCH_RATE_LIMIT_REDIS_URL", "rediss://valkey:6379"),
+            ("IDMATCH_RATE_LIMIT_REDIS_CA_FILE", path_of(&not_pem)),
+        ]);
+        assert!(message.contains("holds no certificate"), "{message}");
+        let message = env_error(&[
+            ("IDMATCH_RATE_LIMIT_REDIS_URL", "redis://valkey:6379"),
+            (
+                "IDMATCH_RATE_LIMIT_REDIS_PASSWORD_FILE",
+                "/nonexistent/password",
+            ),
+        ]);
+        assert!(
+            message.starts_with(
+                "IDMATCH_RATE_LIMIT_REDIS_PASSWORD_FILE (environment): cannot read /nonexistent/password"
+            ),
+            "{message}"
+        );
     }
 
     #[test]

@@ -26,6 +26,7 @@ use crate::config::{
     parse_certificates, read_ca_file, read_credential, Credentials, Secret, Upstream,
 };
 use crate::metrics::{Metrics, OutcomeLabels};
+use crate::pace::Pacer;
 use crate::token::{Signer, TokenCache};
 use crate::upstream::Trust;
 
@@ -47,6 +48,8 @@ pub struct Reloader {
     /// The callback listener's, which must follow the secret the tokens are signed with.
     callbacks: Option<Arc<Verifier>>,
     metrics: Arc<Metrics>,
+    /// Told a new key id: the shared rate limit is kept per credential.
+    pacer: Option<Arc<Pacer>>,
 }
 
 /// What one [`Reloader::check`] did.
@@ -81,7 +84,13 @@ impl Reloader {
             tokens,
             callbacks: None,
             metrics,
+            pacer: None,
         })
+    }
+
+    /// Also tells `pacer` when the key id changes.
+    pub fn pacing(self, pacer: Option<Arc<Pacer>>) -> Self {
+        Self { pacer, ..self }
     }
 
     /// Hands a changed secret to the callbacks' `verifier` too.
@@ -122,6 +131,9 @@ impl Reloader {
 
         self.tokens
             .replace_signer(Signer::new(&key_id, secret.expose()));
+        if let (true, Some(pacer)) = (key_id_changed, &self.pacer) {
+            pacer.key_id_changed(&key_id);
+        }
         if let Some(verifier) = self.callbacks.as_ref().filter(|_| secret_changed) {
             verifier.rotate(secret.expose());
         }

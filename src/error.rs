@@ -8,7 +8,7 @@ use std::error::Error as StdError;
 use std::io;
 
 use bytes::Bytes;
-use http::header::{HeaderName, HeaderValue, ALLOW, CONTENT_TYPE, WWW_AUTHENTICATE};
+use http::header::{HeaderName, HeaderValue, ALLOW, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
 use http::{Response, StatusCode};
 use http_body_util::Full;
 
@@ -68,6 +68,16 @@ pub enum ProxyError {
     UpstreamProtocol(&'static str),
     #[error("too many requests in flight; retry shortly")]
     Overloaded,
+    /// The credential's next send slot is further away than `rate_limit.max_wait`.
+    #[error("the next send slot for this credential is {} ms away, beyond rate_limit.max_wait ({} ms); retry in {retry_after} s", wait.as_millis(), max_wait.as_millis())]
+    SlotTooFar {
+        wait: std::time::Duration,
+        max_wait: std::time::Duration,
+        retry_after: u64,
+    },
+    /// `rate_limit.max_queued` requests are waiting for their slots already.
+    #[error("{limit} requests are waiting for a send slot already (rate_limit.max_queued); retry in {retry_after} s")]
+    QueueFull { limit: usize, retry_after: u64 },
     /// `upstream.max_in_flight` requests were in flight and none finished in time.
     #[error("{limit} requests to the upstream were in flight (upstream.max_in_flight) and none finished within {waited:?}; retry shortly")]
     UpstreamBusy {
@@ -182,6 +192,7 @@ impl ProxyError {
                 StatusCode::GATEWAY_TIMEOUT
             }
             Self::Overloaded | Self::UpstreamBusy { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::SlotTooFar { .. } | Self::QueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Dns(_)
             | Self::ConnectionRefused
             | Self::TlsCertificate(_)
@@ -209,6 +220,8 @@ impl ProxyError {
             // A limit the operator configured, so a refusal by policy (RFC 9209 §2.3.16) rather
             // than a malformed request; RFC 9209 has no request-body-size type.
             Self::BodyTooLarge { .. } => "http_request_denied",
+            // The rate limit is the proxy's policy too (CM.com's, kept on its behalf).
+            Self::SlotTooFar { .. } | Self::QueueFull { .. } => "http_request_denied",
             Self::Dns(_) => "dns_error",
             Self::ConnectionRefused => "connection_refused",
             Self::ConnectTimeout => "connection_timeout",
@@ -246,6 +259,16 @@ impl ProxyError {
         )
     }
 
+    /// Seconds after which the client may try again (RFC 9110 §10.2.3), for refusals that know.
+    fn retry_after(&self) -> Option<u64> {
+        match self {
+            Self::SlotTooFar { retry_after, .. } | Self::QueueFull { retry_after, .. } => {
+                Some(*retry_after)
+            }
+            _ => None,
+        }
+    }
+
     pub fn into_response(self) -> Response<Full<Bytes>> {
         let body = serde_json::json!({
             "error": { "code": self.code(), "message": self.to_string() }
@@ -259,6 +282,9 @@ impl ProxyError {
             PROXY_STATUS.clone(),
             HeaderValue::try_from(proxy_status).expect("ASCII"),
         );
+        if let Some(seconds) = self.retry_after() {
+            headers.insert(RETRY_AFTER, HeaderValue::from(seconds));
+        }
         match &self {
             // RFC 9110 §11.6.1: a 401 names the scheme that would be accepted.
             Self::CallbackSignature(_) => {
@@ -339,6 +365,15 @@ mod tests {
                 limit: 1,
                 waited: Duration::from_secs(1),
             },
+            ProxyError::SlotTooFar {
+                wait: Duration::from_secs(6),
+                max_wait: Duration::from_secs(5),
+                retry_after: 1,
+            },
+            ProxyError::QueueFull {
+                limit: 1,
+                retry_after: 1,
+            },
             ProxyError::CallbackSignature(crate::callback::verify::SignatureError::Missing),
             ProxyError::CallbackMethod(http::Method::GET),
             ProxyError::CallbackApp("x".into()),
@@ -365,13 +400,15 @@ mod tests {
             ProxyError::UpstreamProtocol(_) => 17,
             ProxyError::Overloaded => 18,
             ProxyError::UpstreamBusy { .. } => 19,
-            ProxyError::CallbackSignature(_) => 20,
-            ProxyError::CallbackMethod(_) => 21,
-            ProxyError::CallbackApp(_) => 22,
-            ProxyError::CallbackAppTimeout(_) => 23,
+            ProxyError::SlotTooFar { .. } => 20,
+            ProxyError::QueueFull { .. } => 21,
+            ProxyError::CallbackSignature(_) => 22,
+            ProxyError::CallbackMethod(_) => 23,
+            ProxyError::CallbackApp(_) => 24,
+            ProxyError::CallbackAppTimeout(_) => 25,
         };
         let numbers: Vec<usize> = samples.iter().map(number).collect();
-        assert_eq!(numbers, (0..24).collect::<Vec<_>>());
+        assert_eq!(numbers, (0..26).collect::<Vec<_>>());
         samples
     }
 
@@ -388,6 +425,36 @@ mod tests {
             .map(ProxyError::code)
             .collect();
         assert_eq!(connect, ProxyError::CONNECT_CODES.into_iter().collect());
+    }
+
+    #[tokio::test]
+    async fn rate_limit_refusals_are_429_with_retry_after() {
+        let response = ProxyError::SlotTooFar {
+            wait: std::time::Duration::from_millis(7250),
+            max_wait: std::time::Duration::from_secs(5),
+            retry_after: 3,
+        }
+        .into_response();
+        assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(response.headers()[RETRY_AFTER], "3");
+        assert_eq!(
+            response.headers()[&PROXY_STATUS],
+            "idmatch-proxy; error=http_request_denied"
+        );
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            json["error"]["message"],
+            "the next send slot for this credential is 7250 ms away, beyond rate_limit.max_wait (5000 ms); retry in 3 s"
+        );
+        let full = ProxyError::QueueFull {
+            limit: 8,
+            retry_after: 1,
+        };
+        assert!(full.is_client_error());
+        assert_eq!(full.into_response().headers()[RETRY_AFTER], "1");
+        let other = ProxyError::ConnectionRefused.into_response();
+        assert!(!other.headers().contains_key(RETRY_AFTER));
     }
 
     #[test]

@@ -5,6 +5,8 @@
 //! - [`config`]: typed settings from defaults, a TOML file and `IDMATCH_*` variables.
 //! - [`token`]: the hand-rolled HS256 signer and the shared, self-refreshing token.
 //! - [`proxy`]: per-request rewriting and forwarding; bodies stream, never buffer.
+//! - [`pace`]: the rate limiter: each request waits for its credential's send slot, kept
+//!   locally or shared by the replicas through Redis.
 //! - [`headers`]: hop-by-hop and credential hygiene.
 //! - [`upstream`]: TLS, the egress tunnel and DNS towards the upstream; [`pool`]: its
 //!   connections.
@@ -28,6 +30,7 @@ pub mod error;
 pub mod headers;
 pub mod metrics;
 pub mod observe;
+pub mod pace;
 pub mod pool;
 pub mod proxy;
 pub mod server;

@@ -51,8 +51,12 @@ pub struct ErrorLabels {
     pub code: &'static str,
 }
 
-/// `upstream_retries{reason}`: after a connect failure, after a 401.
-const RETRY_REASONS: [&str; 2] = ["connect", "unauthorized"];
+/// `upstream_retries{reason}`: after a connect failure, after a 401, after the upstream's 429.
+const RETRY_REASONS: [&str; 3] = ["connect", "unauthorized", "rate_limited"];
+/// `rate_limit_refusals{cause}`.
+const REFUSAL_CAUSES: [&str; 3] = ["wait_bound", "queue_full", "upstream"];
+/// `rate_limit_abandoned_slots{outcome}`.
+const ABANDONED_OUTCOMES: [&str; 2] = ["given_back", "wasted"];
 /// `credential_reloads{outcome}`, `upstream_ca_reloads{outcome}`.
 const RELOAD_OUTCOMES: [&str; 2] = ["success", "failure"];
 
@@ -64,6 +68,18 @@ pub struct ReasonLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
     pub outcome: &'static str,
+}
+
+/// Why the proxy answered 429: `wait_bound`, `queue_full` or `upstream`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CauseLabels {
+    pub cause: &'static str,
+}
+
+/// Where send slots are reserved: `local`, `shared` or `fallback`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendLabels {
+    pub backend: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -199,8 +215,26 @@ pub struct Metrics {
     pub credential_reloads: Family<OutcomeLabels, Counter>,
     /// Re-reads of a changed `upstream.ca_file`, by outcome.
     pub ca_reloads: Family<OutcomeLabels, Counter>,
+    /// 401s passed on without a replay because a freshly minted token was refused before.
+    pub unauthorized_replays_skipped: Counter,
+    /// 1 while 401s are not replayed (a fresh token was refused), else 0.
+    credentials_refused: Gauge,
     token_mints: Family<TriggerLabels, Counter<u64, AtomicU64>>,
     token_expiry: Gauge,
+    /// Requests waiting for their send slot.
+    pub rate_limit_queued: Gauge,
+    /// How long requests waited for their send slot.
+    pub rate_limit_wait: Histogram,
+    /// 429s, by cause.
+    pub rate_limit_refusals: Family<CauseLabels, Counter>,
+    /// 1 for the schedule in use, 0 for the others.
+    pub rate_limit_backend: Family<BackendLabels, Gauge>,
+    /// Failed round trips to the Redis store (errors and timeouts).
+    pub rate_limit_redis_errors: Counter,
+    /// Slots of requests whose client went away, given back or left unused.
+    pub rate_limit_abandoned: Family<OutcomeLabels, Counter>,
+    /// Seconds until the credential's next free send slot, as last seen.
+    pub rate_limit_next_free: Gauge<f64, AtomicU64>,
     pub callbacks: CallbackMetrics,
 }
 
@@ -244,8 +278,17 @@ impl Metrics {
             unauthorized_not_replayed: Counter::default(),
             credential_reloads: Family::default(),
             ca_reloads: Family::default(),
+            unauthorized_replays_skipped: Counter::default(),
+            credentials_refused: Gauge::default(),
             token_mints: Family::default(),
             token_expiry: Gauge::default(),
+            rate_limit_queued: Gauge::default(),
+            rate_limit_wait: Histogram::new(WAIT_BUCKETS.iter().copied()),
+            rate_limit_refusals: Family::default(),
+            rate_limit_backend: Family::default(),
+            rate_limit_redis_errors: Counter::default(),
+            rate_limit_abandoned: Family::default(),
+            rate_limit_next_free: Gauge::default(),
             callbacks: CallbackMetrics::default(),
             registry: Registry::default(),
         };
@@ -295,6 +338,51 @@ impl Metrics {
             metrics.unauthorized_not_replayed.clone(),
         );
         registry.register(
+            "unauthorized_replays_skipped",
+            "401 answers passed to the client without a replay because a freshly minted token was refused before",
+            metrics.unauthorized_replays_skipped.clone(),
+        );
+        registry.register(
+            "credentials_refused",
+            "1 while 401s are not replayed because the upstream refused a freshly minted token",
+            metrics.credentials_refused.clone(),
+        );
+        registry.register(
+            "rate_limit_queued",
+            "Requests waiting for their send slot",
+            metrics.rate_limit_queued.clone(),
+        );
+        registry.register(
+            "rate_limit_wait_seconds",
+            "Time requests waited for their send slot",
+            metrics.rate_limit_wait.clone(),
+        );
+        registry.register(
+            "rate_limit_refusals",
+            "429 answers, by cause (wait_bound, queue_full, upstream)",
+            metrics.rate_limit_refusals.clone(),
+        );
+        registry.register(
+            "rate_limit_backend",
+            "1 for where send slots are reserved now (local, shared or fallback)",
+            metrics.rate_limit_backend.clone(),
+        );
+        registry.register(
+            "rate_limit_redis_errors",
+            "Failed or timed-out round trips to the Redis store",
+            metrics.rate_limit_redis_errors.clone(),
+        );
+        registry.register(
+            "rate_limit_abandoned_slots",
+            "Send slots of requests whose client went away, by outcome (given_back, wasted)",
+            metrics.rate_limit_abandoned.clone(),
+        );
+        registry.register(
+            "rate_limit_next_free_seconds",
+            "Seconds until the credential's next free send slot, as last seen",
+            metrics.rate_limit_next_free.clone(),
+        );
+        registry.register(
             "credential_reloads",
             "Reloads of changed credential files, by outcome",
             metrics.credential_reloads.clone(),
@@ -333,6 +421,12 @@ impl Metrics {
             (metrics.credential_reloads).get_or_create_owned(&OutcomeLabels { outcome });
             (metrics.ca_reloads).get_or_create_owned(&OutcomeLabels { outcome });
         }
+        for cause in REFUSAL_CAUSES {
+            (metrics.rate_limit_refusals).get_or_create_owned(&CauseLabels { cause });
+        }
+        for outcome in ABANDONED_OUTCOMES {
+            (metrics.rate_limit_abandoned).get_or_create_owned(&OutcomeLabels { outcome });
+        }
         metrics.callbacks.register(&mut registry);
         let build_info = Family::<BuildLabels, Gauge>::default();
         build_info
@@ -362,6 +456,8 @@ impl Metrics {
                 .store(count, std::sync::atomic::Ordering::Relaxed);
         }
         self.token_expiry.set(tokens.seconds_until_expiry());
+        self.credentials_refused
+            .set(i64::from(tokens.credentials_refused()));
         let mut text = String::new();
         encode(&mut text, &self.registry).expect("writing to a String cannot fail");
         text
@@ -378,6 +474,11 @@ impl Default for Metrics {
 const LATENCY_BUCKETS: [f64; 16] = [
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
     10.0, 30.0,
+];
+
+/// From no wait to beyond any sensible `rate_limit.max_wait`.
+const WAIT_BUCKETS: [f64; 12] = [
+    0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0,
 ];
 
 #[cfg(test)]

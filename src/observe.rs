@@ -18,7 +18,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::error::{ProxyError, ProxyErrorCode};
 use crate::metrics::{ErrorLabels, Metrics};
-use crate::proxy::{Proxy, ProxyBody};
+use crate::proxy::{Paced, Proxy, ProxyBody};
 use crate::server::Activity;
 
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -83,6 +83,7 @@ impl Observer {
             status: None,
             code: None,
             upstream: None,
+            paced: None,
             bytes: 0,
             complete: false,
             metrics: self.metrics.clone(),
@@ -102,6 +103,7 @@ impl Observer {
         let to_headers = started.elapsed();
 
         finish.status = Some(response.status());
+        finish.paced = response.extensions().get::<Paced>().map(|paced| paced.0);
         finish.code = response.extensions().get::<ProxyErrorCode>().map(|c| c.0);
         match finish.code {
             Some(code) => {
@@ -195,6 +197,8 @@ struct Finish {
     code: Option<&'static str>,
     /// Time to the upstream's response head, when the upstream answered.
     upstream: Option<Duration>,
+    /// Time spent waiting for the credential's send slot (`rate_limit`).
+    paced: Option<Duration>,
     bytes: u64,
     /// The response body reached its end.
     complete: bool,
@@ -224,6 +228,7 @@ impl Drop for Finish {
             bytes = self.bytes,
             duration_ms = millis(duration),
             upstream_ms = self.upstream.map(millis),
+            paced_ms = self.paced.map(millis),
             request_id = self.entry.request_id.to_str().unwrap_or("<binary>"),
             error = self.code,
             complete = self.complete,

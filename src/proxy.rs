@@ -1,15 +1,18 @@
 //! The forwarder: one client request in, one upstream request out (sent again in two cases),
 //! bodies streamed both ways except small request bodies, kept for those cases.
 //!
-//! The two cases:
+//! The cases:
 //! - the upstream client failed before writing any byte of it
 //!   ([`SendError::never_written`]): once per exchange, as the upstream cannot have seen it;
-//! - the upstream answered 401: the token is re-minted and the request replayed, once.
+//! - the upstream answered 401: the token is re-minted and the request replayed, once (not at
+//!   all once a freshly minted token was refused: the credentials are wrong);
+//! - the upstream answered 429 (rate limiter on): replayed once at the credential's next free
+//!   send slot, if that is within `rate_limit.max_wait`.
 //!
-//! So the upstream receives a request at most twice, the second time because it asked to. Both
-//! need the body again, so a body whose length is known and at most
-//! `upstream.replay_buffer_bytes` is read into memory first ("kept"); any other body streams,
-//! with backpressure, and is never sent twice. A response timeout is never retried: the upstream
+//! So the upstream receives a request at most three times, the later ones because it asked to,
+//! each in a send slot of its own. All need the body again, so a body whose length is known
+//! and at most `upstream.replay_buffer_bytes` is read into memory first ("kept"); any other
+//! body streams, with backpressure, and is never sent twice. A response timeout is never retried: the upstream
 //! may be processing the request, and CM.com's calls are POSTs.
 
 use std::cell::RefCell;
@@ -19,10 +22,10 @@ use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{AUTHORIZATION, CONNECTION, TRANSFER_ENCODING};
+use http::header::{AUTHORIZATION, CONNECTION, RETRY_AFTER, TRANSFER_ENCODING};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Either, Full};
@@ -34,7 +37,8 @@ use tokio::time::Timeout;
 use crate::config::Config;
 use crate::error::ProxyError;
 use crate::headers;
-use crate::metrics::{ErrorLabels, Metrics, ReasonLabels};
+use crate::metrics::{CauseLabels, ErrorLabels, Metrics, ReasonLabels};
+use crate::pace::{retry_after, Pacer, Turn};
 use crate::pool::{PooledBody, SendError};
 use crate::token::TokenCache;
 use crate::upstream::UpstreamClient;
@@ -51,6 +55,9 @@ pub type UpstreamBody = Either<Full<Bytes>, Streamed>;
 const CONNECT: ReasonLabels = ReasonLabels { reason: "connect" };
 const UNAUTHORIZED: ReasonLabels = ReasonLabels {
     reason: "unauthorized",
+};
+const RATE_LIMITED: ReasonLabels = ReasonLabels {
+    reason: "rate_limited",
 };
 
 /// A discarded 401 body is read to its end if it is this small and this prompt (CM.com's is a
@@ -78,7 +85,14 @@ pub struct Proxy {
     /// taken until its response body ends.
     upstream_slots: Arc<Semaphore>,
     max_in_flight: usize,
+    /// The credential's send slots; `None` when `rate_limit.interval` is zero.
+    pacer: Option<Arc<Pacer>>,
 }
+
+/// How long a request waited for its send slot, replay included: in the response's
+/// extensions, for the access log.
+#[derive(Clone, Copy, Debug)]
+pub struct Paced(pub Duration);
 
 impl Proxy {
     pub fn new(
@@ -88,6 +102,11 @@ impl Proxy {
         metrics: Arc<Metrics>,
     ) -> Self {
         let upstream = &config.upstream;
+        let pacer = Pacer::new(
+            &config.rate_limit,
+            &config.credentials.key_id,
+            metrics.clone(),
+        );
         static IDS: AtomicU64 = AtomicU64::new(0);
         Self {
             id: IDS.fetch_add(1, Ordering::Relaxed),
@@ -103,7 +122,13 @@ impl Proxy {
             metrics,
             upstream_slots: Arc::new(Semaphore::new(upstream.max_in_flight)),
             max_in_flight: upstream.max_in_flight,
+            pacer,
         }
+    }
+
+    /// The rate limiter, if on (for its metrics).
+    pub fn pacer(&self) -> Option<&Arc<Pacer>> {
+        self.pacer.as_ref()
     }
 
     /// Answers one request; `local` is the address the client connected to.
@@ -177,7 +202,7 @@ impl Proxy {
         let uri = self.upstream_uri(request.uri())?;
         let version = request.version();
         let (mut parts, body) = request.into_parts();
-        let slot;
+        let (slot, mut paced);
         let mut response = match length.filter(|&n| n <= self.replay_buffer_bytes) {
             Some(length) => {
                 // Read before taking the token, so that a slow upload does not use up its
@@ -192,6 +217,9 @@ impl Proxy {
                             .await
                             .map_err(|_| ProxyError::RequestBodyTimeout(self.body_timeout))??,
                     };
+                // The send slot before the connection slot and the token: a request waiting
+                // for its turn holds neither.
+                paced = self.wait_turn().await?;
                 slot = self.upstream_slot().await?;
                 let authorization = self.rewrite(&mut parts.headers);
                 let kept = Kept {
@@ -200,9 +228,10 @@ impl Proxy {
                     headers: parts.headers,
                     body,
                 };
-                self.forward_kept(kept, &authorization).await?
+                self.forward_kept(kept, &authorization, &mut paced).await?
             }
             None => {
+                paced = self.wait_turn().await?;
                 slot = self.upstream_slot().await?;
                 let authorization = self.rewrite(&mut parts.headers);
                 parts.uri = uri;
@@ -232,7 +261,54 @@ impl Proxy {
                 .insert(CONNECTION, HeaderValue::from_static("close"));
         }
         *response.version_mut() = Version::HTTP_11;
+        if response.status() == StatusCode::TOO_MANY_REQUESTS {
+            self.count_refusal("upstream");
+        }
+        if self.pacer.is_some() {
+            response.extensions_mut().insert(Paced(paced));
+        }
         Ok((response, slot))
+    }
+
+    /// Waits for the credential's next send slot, unless the limiter is off; refused (429)
+    /// when it is too far or too many wait already.
+    async fn wait_turn(&self) -> Result<Duration, ProxyError> {
+        let Some(pacer) = &self.pacer else {
+            return Ok(Duration::ZERO);
+        };
+        pacer.wait_turn().await.inspect_err(|error| match error {
+            ProxyError::SlotTooFar { .. } => self.count_refusal("wait_bound"),
+            ProxyError::QueueFull { .. } => self.count_refusal("queue_full"),
+            _ => {}
+        })
+    }
+
+    fn count_refusal(&self, cause: &'static str) {
+        self.metrics
+            .rate_limit_refusals
+            .get_or_create(&CauseLabels { cause })
+            .inc();
+    }
+
+    /// The upstream's word wins: a 429 or 503 holds the credential back for its
+    /// `Retry-After` (seconds or a date; anything else is ignored), or one interval.
+    async fn heed(&self, response: &Response<PooledBody>) {
+        let status = response.status();
+        if status != StatusCode::TOO_MANY_REQUESTS && status != StatusCode::SERVICE_UNAVAILABLE {
+            return;
+        }
+        if let Some(pacer) = &self.pacer {
+            let retry_after = response
+                .headers()
+                .get(RETRY_AFTER)
+                .and_then(|value| retry_after::parse(value, SystemTime::now()));
+            tracing::debug!(
+                status = status.as_u16(),
+                retry_after_ms = retry_after.map(|d| d.as_millis() as u64),
+                "the upstream asked us to slow down; holding the credential back"
+            );
+            pacer.push_back(retry_after).await;
+        }
     }
 
     /// Waits, at most `upstream.response_timeout`, until fewer than `upstream.max_in_flight`
@@ -268,9 +344,11 @@ impl Proxy {
         &self,
         mut kept: Kept,
         sent: &HeaderValue,
+        paced: &mut Duration,
     ) -> Result<Response<PooledBody>, ProxyError> {
         let mut replayed = false;
         let mut resent = false;
+        let mut waited_again = false;
         loop {
             let response = match self.send(kept.request()).await {
                 Ok(Ok(response)) => response,
@@ -289,16 +367,48 @@ impl Proxy {
                 Ok(Err(error)) => return Err(ProxyError::from_upstream(error)),
                 Err(_) => return Err(ProxyError::ResponseTimeout(self.response_timeout)),
             };
-            if response.status() != StatusCode::UNAUTHORIZED {
-                return Ok(response);
+            self.heed(&response).await;
+            match response.status() {
+                StatusCode::UNAUTHORIZED => {}
+                // Once, at the request's new slot, if that is within `rate_limit.max_wait`;
+                // otherwise the upstream's 429 is the answer.
+                StatusCode::TOO_MANY_REQUESTS if !waited_again && self.pacer.is_some() => {
+                    let Ok(turn) = self.turn_again().await else {
+                        return Ok(response);
+                    };
+                    drain(response.into_body()).await;
+                    if let Some(turn) = turn {
+                        *paced += turn.wait().await;
+                    }
+                    self.metrics.retries.get_or_create(&RATE_LIMITED).inc();
+                    tracing::debug!("upstream answered 429; replayed at the next free slot");
+                    (waited_again, resent) = (true, false);
+                    continue;
+                }
+                status => {
+                    if status.is_success() {
+                        self.tokens.accepted();
+                    }
+                    return Ok(response);
+                }
             }
             if replayed {
-                tracing::warn!(
-                    "upstream refused a freshly minted token too: check the credentials"
-                );
+                self.tokens.refuse_credentials();
                 return Ok(response);
             }
+            // A wrong credential would cost every request two upstream calls.
+            if self.tokens.credentials_refused() {
+                self.metrics.unauthorized_replays_skipped.inc();
+                return Ok(response);
+            }
+            // The replay counts against the rate limit like any request: it takes a slot.
+            let Ok(turn) = self.turn_again().await else {
+                return Ok(response);
+            };
             drain(response.into_body()).await;
+            if let Some(turn) = turn {
+                *paced += turn.wait().await;
+            }
             kept.headers.insert(AUTHORIZATION, self.tokens.reject(sent));
             self.metrics.retries.get_or_create(&UNAUTHORIZED).inc();
             tracing::debug!("upstream answered 401; replaying with a fresh token");
@@ -335,12 +445,29 @@ impl Proxy {
         if !ended.load(Ordering::Acquire) {
             response.extensions_mut().insert(BodyLeftUnread);
         }
-        if response.status() == StatusCode::UNAUTHORIZED {
-            self.tokens.reject(sent);
+        self.heed(&response).await;
+        let status = response.status();
+        if status == StatusCode::UNAUTHORIZED {
+            // A new token for the requests after it, unless the credentials were refused.
+            if !self.tokens.credentials_refused() {
+                self.tokens.reject(sent);
+            }
             self.metrics.unauthorized_not_replayed.inc();
             tracing::debug!("upstream answered 401 to a request too large to replay");
+        } else if status.is_success() {
+            self.tokens.accepted();
         }
         Ok(response)
+    }
+
+    /// A send slot for a replay (after a 401, or a 429 that has pushed the schedule back
+    /// already), if one is free within `rate_limit.max_wait`; none is needed with the limiter
+    /// off. Refused, the upstream's answer goes to the client as it is.
+    async fn turn_again(&self) -> Result<Option<Turn<'_>>, ProxyError> {
+        match &self.pacer {
+            Some(pacer) => pacer.reserve().await.map(Some),
+            None => Ok(None),
+        }
     }
 
     /// One exchange, waiting at most `upstream.response_timeout` for the response head. The

@@ -137,7 +137,7 @@ impl Server {
                 Some(callbacks) => reloader.also_rotating(callbacks.verifier().clone()),
                 None => reloader,
             })
-            .map(|reloader| tokio::spawn(reloader.run()));
+            .map(|reloader| tokio::spawn(reloader.pacing(self.proxy.pacer().cloned()).run()));
         // Stops accepting when the proxy's listener does, after the drain delay: CM.com, like
         // the apps, keeps sending while the endpoints of a terminating pod are removed.
         let (stop_callbacks, callbacks_stopped) = tokio::sync::oneshot::channel::<()>();
@@ -162,6 +162,7 @@ impl Server {
                 metrics: self.metrics.clone(),
                 draining: self.draining.clone(),
                 quit: self.quit.clone(),
+                pacer: self.proxy.pacer().cloned(),
             },
         ));
         let observer = Arc::new(Observer::new(

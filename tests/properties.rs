@@ -386,6 +386,7 @@ fn env_for(url: &str) -> HashMap<String, String> {
         ("IDMATCH_UPSTREAM_URL", url),
         ("IDMATCH_KEY_ID", KEY_ID),
         ("IDMATCH_SECRET", SECRET),
+        ("IDMATCH_RATE_LIMIT_INTERVAL", "0s"),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v.to_owned()))

@@ -10,7 +10,7 @@
 //! signs once rather than once per request.
 
 use std::cell::RefCell;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -154,6 +154,10 @@ pub struct TokenCache {
     inline_mints: AtomicU64,
     rotation_mints: AtomicU64,
     reauth_mints: AtomicU64,
+    /// Set once the upstream refused a freshly minted token: the credentials themselves are
+    /// wrong, and replaying a 401 would spend the rate limit twice for nothing. Cleared by
+    /// new credentials or an accepted request.
+    refused: AtomicBool,
 }
 
 impl TokenCache {
@@ -170,6 +174,7 @@ impl TokenCache {
             inline_mints: AtomicU64::new(0),
             rotation_mints: AtomicU64::new(0),
             reauth_mints: AtomicU64::new(0),
+            refused: AtomicBool::new(false),
         }
     }
 
@@ -251,11 +256,39 @@ impl TokenCache {
         self.store(mint(&signer, &self.settings, claims))
     }
 
+    /// The upstream refused a token minted for the replay of a 401: until the credentials
+    /// change or a request is accepted, 401s are passed on without a replay.
+    pub fn refuse_credentials(&self) {
+        if !self.refused.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                "the upstream refused a freshly minted token too: check the credentials; \
+                 401s are no longer replayed until they change or a request is accepted"
+            );
+        }
+    }
+
+    /// Whether 401s are not to be replayed (see [`TokenCache::refuse_credentials`]).
+    #[inline]
+    pub fn credentials_refused(&self) -> bool {
+        self.refused.load(Ordering::Relaxed)
+    }
+
+    /// The upstream accepted a request: the credentials work. A load on the request path;
+    /// a store only the first time after a refusal.
+    #[inline]
+    pub fn accepted(&self) {
+        if self.credentials_refused() {
+            self.refused.store(false, Ordering::Relaxed);
+            tracing::info!("the upstream accepted a request again; 401s are replayed again");
+        }
+    }
+
     /// New credentials: every token from now on is signed with them, starting with one minted
     /// at once.
     pub fn replace_signer(&self, new: Signer) {
         let mut signer = lock(&self.signer);
         *signer = new;
+        self.refused.store(false, Ordering::Relaxed);
         self.rotation_mints.fetch_add(1, Ordering::Relaxed);
         self.store(mint(
             &signer,
@@ -434,6 +467,20 @@ mod tests {
     }
 
     /// The coarse clock is the wall clock, a tick behind at most.
+    #[test]
+    fn refused_credentials_last_until_new_ones_or_an_accepted_request() {
+        let cache = cache(ManualClock::at(T0));
+        assert!(!cache.credentials_refused());
+        cache.refuse_credentials();
+        cache.refuse_credentials();
+        assert!(cache.credentials_refused());
+        cache.accepted();
+        assert!(!cache.credentials_refused(), "a request succeeded");
+        cache.refuse_credentials();
+        cache.replace_signer(Signer::new("kid", b"rotated"));
+        assert!(!cache.credentials_refused(), "new credentials");
+    }
+
     #[test]
     fn system_clock_reads_the_wall_clock() {
         let precise = || {

@@ -45,6 +45,9 @@ impl ProxyConfig {
             ("IDMATCH_UPSTREAM_CA_FILE", ca.to_str().unwrap()),
             ("IDMATCH_KEY_ID", KEY_ID),
             ("IDMATCH_SECRET", SECRET),
+            // Unpaced, so that tests of everything else run at full speed; the limiter's own
+            // tests turn it on.
+            ("IDMATCH_RATE_LIMIT_INTERVAL", "0s"),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
@@ -448,4 +451,223 @@ pub fn channel_body(chunks: tokio::sync::mpsc::Receiver<Bytes>) -> idmatch_mock:
     }
 
     Channel(chunks).boxed()
+}
+
+/// A real `redis-server` on a free loopback port, in a temporary directory, persisting
+/// nothing; killed when dropped. Without the program the test fails, never skips.
+pub struct RedisServer {
+    child: Option<std::process::Child>,
+    pub port: u16,
+    password: Option<String>,
+    /// Serving TLS only, with the certificate and key files written in `dir`.
+    tls: bool,
+    dir: tempfile::TempDir,
+}
+
+impl RedisServer {
+    pub fn start() -> Self {
+        Self::start_with_password(None)
+    }
+
+    /// One that requires `AUTH password`.
+    pub fn start_with_password(password: Option<&str>) -> Self {
+        Self::start_in(tempfile::tempdir().unwrap(), password, false)
+    }
+
+    /// One that speaks TLS only, presenting `cert` (PEM, for localhost) signed by `ca`.
+    pub fn start_tls(cert: &str, key: &str, ca: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, pem) in [("cert.pem", cert), ("key.pem", key), ("ca.pem", ca)] {
+            std::fs::write(dir.path().join(name), pem).unwrap();
+        }
+        Self::start_in(dir, None, true)
+    }
+
+    fn start_in(dir: tempfile::TempDir, password: Option<&str>, tls: bool) -> Self {
+        let mut server = Self {
+            child: None,
+            port: 0,
+            password: password.map(str::to_owned),
+            tls,
+            dir,
+        };
+        // redis-server has no `--port 0`: take a free port and let it go. Another process may
+        // take it meanwhile, so a collision tries another.
+        for _ in 0..10 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            if server.spawn(port).is_ok() {
+                return server;
+            }
+        }
+        panic!("redis-server did not start on any of 10 free ports");
+    }
+
+    pub fn url(&self) -> String {
+        match self.tls {
+            true => format!("rediss://localhost:{}", self.port),
+            false => format!("redis://127.0.0.1:{}", self.port),
+        }
+    }
+
+    /// Kills it at once (SIGKILL): clients see their connections reset.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port, empty.
+    pub fn restart(&mut self) {
+        self.kill();
+        let port = self.port;
+        self.spawn(port)
+            .unwrap_or_else(|e| panic!("redis-server did not restart on port {port}: {e}"));
+    }
+
+    /// Where `redis-server` is installed, if it is.
+    pub fn program() -> Option<&'static str> {
+        ["/usr/bin/redis-server", "/usr/sbin/redis-server"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())
+    }
+
+    /// Runs the server and waits for its "Ready to accept connections" line.
+    fn spawn(&mut self, port: u16) -> Result<(), String> {
+        use std::io::BufRead;
+        let program = Self::program().expect(
+            "redis-server is not installed; the rate-limit tests need a real one: \
+                 apt-get install -y redis-server (.ci/run installs it)",
+        );
+        let mut command = std::process::Command::new(program);
+        let port_arg = port.to_string();
+        match self.tls {
+            true => {
+                let file = |name: &str| self.dir.path().join(name).display().to_string();
+                command.args(["--port", "0", "--tls-port", &port_arg]);
+                command.args(["--tls-cert-file", &file("cert.pem")]);
+                command.args(["--tls-key-file", &file("key.pem")]);
+                command.args(["--tls-ca-cert-file", &file("ca.pem")]);
+                command.args(["--tls-auth-clients", "no"]);
+            }
+            false => {
+                command.args(["--port", &port_arg]);
+            }
+        }
+        command.args(["--bind", "127.0.0.1"]);
+        command.args(["--save", "", "--appendonly", "no", "--daemonize", "no"]);
+        command.arg("--dir").arg(self.dir.path());
+        if let Some(password) = &self.password {
+            command.args(["--requirepass", password]);
+        }
+        let mut child = command
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot run {program}: {e}"))?;
+        let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut seen = Vec::new();
+        loop {
+            match lines.next() {
+                Some(Ok(line)) if line.contains("Ready to accept connections") => break,
+                Some(Ok(line)) => seen.push(line),
+                _ => {
+                    let _ = child.wait();
+                    return Err(seen.join("\n"));
+                }
+            }
+        }
+        // Keeps reading, so that its log never fills the pipe and blocks it.
+        std::thread::spawn(move || lines.for_each(drop));
+        self.child = Some(child);
+        self.port = port;
+        Ok(())
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A TLS upstream answering `answer(n)` to its n-th request (from 0), recording when each
+/// request arrived and its `x-client` header.
+pub async fn timed_upstream(
+    pki: &TestPki,
+    answer: impl Fn(usize) -> Response<idmatch_mock::server::Body> + Send + Sync + 'static,
+) -> (RunningServer, Arrivals) {
+    let arrivals = Arrivals::default();
+    let recorded = arrivals.clone();
+    let server = Upstream::builder()
+        .tls(pki)
+        .handler(move |request: Request<hyper::body::Incoming>| {
+            let client = request
+                .headers()
+                .get("x-client")
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                .unwrap_or_default();
+            let n = {
+                let mut all = recorded.0.lock().unwrap();
+                all.push((std::time::Instant::now(), client));
+                all.len() - 1
+            };
+            recorded.1.notify_waiters();
+            std::future::ready(answer(n))
+        })
+        .start()
+        .await;
+    (server, arrivals)
+}
+
+/// When each request reached the upstream, and from which client.
+#[derive(Clone, Default)]
+pub struct Arrivals(
+    Arc<std::sync::Mutex<Vec<(std::time::Instant, String)>>>,
+    Arc<tokio::sync::Notify>,
+);
+
+impl Arrivals {
+    pub fn times(&self) -> Vec<std::time::Instant> {
+        let mut times: Vec<_> = self.0.lock().unwrap().iter().map(|(t, _)| *t).collect();
+        times.sort();
+        times
+    }
+
+    pub fn times_of(&self, client: &str) -> Vec<std::time::Instant> {
+        let all = self.0.lock().unwrap();
+        all.iter()
+            .filter(|(_, c)| c == client)
+            .map(|(t, _)| *t)
+            .collect()
+    }
+
+    pub fn count(&self) -> usize {
+        self.0.lock().unwrap().len()
+    }
+
+    /// Waits until at least `n` requests have arrived.
+    pub async fn reached(&self, n: usize) {
+        loop {
+            let notified = self.1.notified();
+            if self.count() >= n {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// The smallest gap between consecutive instants.
+pub fn min_gap(times: &[std::time::Instant]) -> std::time::Duration {
+    times
+        .windows(2)
+        .map(|w| w[1] - w[0])
+        .min()
+        .unwrap_or(std::time::Duration::MAX)
 }
