@@ -48,6 +48,47 @@ pub struct Config {
     pub client: ClientLimits,
     pub log: LogSettings,
     pub rate_limit: RateLimit,
+    /// The listener for CM.com's signed callbacks; `None` when `callback.listen` is unset.
+    pub callback: Option<CallbackSettings>,
+}
+
+/// Where CM.com's callbacks are received, and how they are bounded and handed to the app.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CallbackSettings {
+    pub listen: SocketAddr,
+    /// The app's base URL: each verified callback's path and query are appended to its path.
+    pub forward: ForwardUrl,
+    /// Largest callback body; beyond it, 413 before anything reaches the app.
+    pub max_body_bytes: u64,
+    /// Time allowed to send a request head.
+    pub header_timeout: Duration,
+    /// Time allowed to send the body, once the head is in.
+    pub body_timeout: Duration,
+    /// Time allowed for the app to answer: connect and response head.
+    pub forward_timeout: Duration,
+    /// Callbacks handled at once; beyond it, an immediate 503 (CM.com retries 5xx).
+    pub max_in_flight: usize,
+    /// How long after a secret rotation callbacks signed with the previous secret still pass.
+    pub previous_secret_grace: Duration,
+    /// How long an event id the app acknowledged is remembered, to answer its redelivery.
+    pub dedup_ttl: Duration,
+    /// At most this many event ids are remembered; the oldest go first.
+    pub dedup_max_ids: usize,
+}
+
+/// An http(s) base URL, parsed once.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ForwardUrl {
+    pub scheme: Scheme,
+    pub authority: Authority,
+    /// Empty, or starting with `/` and without a trailing `/`.
+    pub base_path: String,
+}
+
+impl fmt::Display for ForwardUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}://{}{}", self.scheme, self.authority, self.base_path)
+    }
 }
 
 /// CM.com's one request per second per credential set, kept for the applications.
@@ -439,6 +480,16 @@ enum Key {
     RateLimitRedisPasswordFile,
     RateLimitRedisCaFile,
     RateLimitRedisTimeout,
+    CallbackListen,
+    CallbackForwardUrl,
+    CallbackMaxBodyBytes,
+    CallbackHeaderTimeout,
+    CallbackBodyTimeout,
+    CallbackForwardTimeout,
+    CallbackMaxInFlight,
+    CallbackPreviousSecretGrace,
+    CallbackDedupTtl,
+    CallbackDedupMaxIds,
 }
 
 struct Spec {
@@ -461,7 +512,7 @@ enum Toml {
 
 impl Key {
     /// The order of `Loaded::effective`, as in the example file.
-    const ALL: [Key; 39] = [
+    const ALL: [Key; 49] = [
         Key::Listen,
         Key::AdminListen,
         Key::DrainDelay,
@@ -501,6 +552,16 @@ impl Key {
         Key::RateLimitRedisPasswordFile,
         Key::RateLimitRedisCaFile,
         Key::RateLimitRedisTimeout,
+        Key::CallbackListen,
+        Key::CallbackForwardUrl,
+        Key::CallbackMaxBodyBytes,
+        Key::CallbackHeaderTimeout,
+        Key::CallbackBodyTimeout,
+        Key::CallbackForwardTimeout,
+        Key::CallbackMaxInFlight,
+        Key::CallbackPreviousSecretGrace,
+        Key::CallbackDedupTtl,
+        Key::CallbackDedupMaxIds,
     ];
 
     #[rustfmt::skip]
@@ -548,6 +609,16 @@ impl Key {
             Key::RateLimitRedisPasswordFile => row("rate_limit.redis_password_file", "IDMATCH_RATE_LIMIT_REDIS_PASSWORD_FILE", None, Str(PATH)),
             Key::RateLimitRedisCaFile => row("rate_limit.redis_ca_file", "IDMATCH_RATE_LIMIT_REDIS_CA_FILE", None, Str(PATH)),
             Key::RateLimitRedisTimeout => row("rate_limit.redis_timeout", "IDMATCH_RATE_LIMIT_REDIS_TIMEOUT", Some("200ms"), Str(DURATION)),
+            Key::CallbackListen => row("callback.listen", "IDMATCH_CALLBACK_LISTEN", None, Str(ADDR)),
+            Key::CallbackForwardUrl => row("callback.forward_url", "IDMATCH_CALLBACK_FORWARD_URL", None, Str(FORWARD_URL)),
+            Key::CallbackMaxBodyBytes => row("callback.max_body_bytes", "IDMATCH_CALLBACK_MAX_BODY_BYTES", Some("64KiB"), Str(SIZE)),
+            Key::CallbackHeaderTimeout => row("callback.header_timeout", "IDMATCH_CALLBACK_HEADER_TIMEOUT", Some("10s"), Str(DURATION)),
+            Key::CallbackBodyTimeout => row("callback.body_timeout", "IDMATCH_CALLBACK_BODY_TIMEOUT", Some("10s"), Str(DURATION)),
+            Key::CallbackForwardTimeout => row("callback.forward_timeout", "IDMATCH_CALLBACK_FORWARD_TIMEOUT", Some("10s"), Str(DURATION)),
+            Key::CallbackMaxInFlight => row("callback.max_in_flight", "IDMATCH_CALLBACK_MAX_IN_FLIGHT", Some("64"), Str(COUNT)),
+            Key::CallbackPreviousSecretGrace => row("callback.previous_secret_grace", "IDMATCH_CALLBACK_PREVIOUS_SECRET_GRACE", Some("5m"), Str(DURATION)),
+            Key::CallbackDedupTtl => row("callback.dedup_ttl", "IDMATCH_CALLBACK_DEDUP_TTL", Some("1h"), Str(DURATION)),
+            Key::CallbackDedupMaxIds => row("callback.dedup_max_ids", "IDMATCH_CALLBACK_DEDUP_MAX_IDS", Some("10000"), Str(COUNT)),
         }
     }
 
@@ -580,6 +651,7 @@ impl Key {
 
 const ADDR: &str = "a socket address like 127.0.0.1:8080 or [::]:8080";
 const URL: &str = "an absolute URL like https://api.cm.com/mobile-identity/v1";
+const FORWARD_URL: &str = "an http(s) base URL like http://127.0.0.1:3000/callbacks";
 const PATH: &str = "a file path";
 const ROOTS: &str = "webpki or native";
 // A duration key's description is also what a malformed value is answered with, so its
@@ -898,6 +970,7 @@ impl Layers {
             redis_timeout: self.positive(Key::RateLimitRedisTimeout, Millis)?,
         };
         let redis_url = self.optional(Key::RateLimitRedisUrl, redis_url)?;
+        let callback = self.callback()?;
 
         // Files last, once everything they could be wasted on is known to be valid.
         let ca_file = self.path(Key::UpstreamCaFile)?;
@@ -931,6 +1004,7 @@ impl Layers {
             worker_threads,
             client,
             log,
+            callback,
             upstream: Upstream {
                 scheme,
                 authority,
@@ -996,6 +1070,63 @@ impl Layers {
             password_file,
             ca,
         })
+    }
+
+    /// The callback listener's settings, if `callback.listen` is set; the app's URL must be set
+    /// with it, and only with it.
+    fn callback(&self) -> Result<Option<CallbackSettings>, ConfigError> {
+        use Resolution::Millis;
+        // Checked even with the listener off, as every other key is: a typo surfaces now rather
+        // than on the day the listener is turned on.
+        let max_body_bytes = self.value(Key::CallbackMaxBodyBytes, size)? as u64;
+        let header_timeout = self.positive(Key::CallbackHeaderTimeout, Millis)?;
+        let body_timeout = self.positive(Key::CallbackBodyTimeout, Millis)?;
+        let forward_timeout = self.positive(Key::CallbackForwardTimeout, Millis)?;
+        let max_in_flight = self.value(Key::CallbackMaxInFlight, count)?;
+        let previous_secret_grace = self.duration(Key::CallbackPreviousSecretGrace, Millis)?;
+        let dedup_ttl = self.duration(Key::CallbackDedupTtl, Millis)?;
+        let dedup_max_ids = self.value(Key::CallbackDedupMaxIds, count)?;
+        let listen = self.optional(Key::CallbackListen, socket_addr)?;
+        let forward = self.optional(Key::CallbackForwardUrl, |text| {
+            url(text).map_err(|problem| problem.replace("an https URL", "an http(s) URL"))
+        })?;
+        let (listen, (scheme, authority, base_path)) = match (listen, forward) {
+            (None, None) => return Ok(None),
+            (Some(listen), Some(forward)) => (listen, forward),
+            (Some(_), None) => {
+                let problem = format!(
+                    "is set, so {} ({} in the config file) must name the app that receives the \
+                     verified callbacks",
+                    Key::CallbackForwardUrl.env(),
+                    Key::CallbackForwardUrl.name(),
+                );
+                return Err(self.error(Key::CallbackListen, problem));
+            }
+            (None, Some(_)) => {
+                let problem = format!(
+                    "is set but {} ({} in the config file) is not: no callback would arrive",
+                    Key::CallbackListen.env(),
+                    Key::CallbackListen.name(),
+                );
+                return Err(self.error(Key::CallbackForwardUrl, problem));
+            }
+        };
+        Ok(Some(CallbackSettings {
+            listen,
+            forward: ForwardUrl {
+                scheme,
+                authority,
+                base_path,
+            },
+            max_body_bytes,
+            header_timeout,
+            body_timeout,
+            forward_timeout,
+            max_in_flight,
+            previous_secret_grace,
+            dedup_ttl,
+            dedup_max_ids,
+        }))
     }
 
     /// The key id, and the file it was read from. `read_env` left at most one source.
@@ -1084,6 +1215,27 @@ impl Layers {
         Ok(())
     }
 
+    /// A `callback.*` key's value; with the listener off, as written (or its default).
+    fn show_callback(&self, key: Key, callback: Option<&CallbackSettings>) -> String {
+        let Some(callback) = callback else {
+            return self
+                .get(key)
+                .map_or_else(|| "(none)".into(), |(text, _)| text.to_owned());
+        };
+        match key {
+            Key::CallbackListen => callback.listen.to_string(),
+            Key::CallbackForwardUrl => callback.forward.to_string(),
+            Key::CallbackMaxBodyBytes => callback.max_body_bytes.to_string(),
+            Key::CallbackHeaderTimeout => show_duration(callback.header_timeout),
+            Key::CallbackBodyTimeout => show_duration(callback.body_timeout),
+            Key::CallbackForwardTimeout => show_duration(callback.forward_timeout),
+            Key::CallbackMaxInFlight => callback.max_in_flight.to_string(),
+            Key::CallbackPreviousSecretGrace => show_duration(callback.previous_secret_grace),
+            Key::CallbackDedupTtl => show_duration(callback.dedup_ttl),
+            _ => callback.dedup_max_ids.to_string(),
+        }
+    }
+
     fn effective(&self, config: &Config) -> Vec<Setting> {
         let (upstream, token) = (&config.upstream, &config.token);
         let rate_limit = &config.rate_limit;
@@ -1155,6 +1307,16 @@ impl Layers {
                         path(&redis.and_then(|r| r.ca.as_ref().map(|(file, _)| file.clone())))
                     }
                     Key::RateLimitRedisTimeout => show_duration(rate_limit.redis_timeout),
+                    Key::CallbackListen
+                    | Key::CallbackForwardUrl
+                    | Key::CallbackMaxBodyBytes
+                    | Key::CallbackHeaderTimeout
+                    | Key::CallbackBodyTimeout
+                    | Key::CallbackForwardTimeout
+                    | Key::CallbackMaxInFlight
+                    | Key::CallbackPreviousSecretGrace
+                    | Key::CallbackDedupTtl
+                    | Key::CallbackDedupMaxIds => self.show_callback(key, config.callback.as_ref()),
                 };
                 // A secret read from a file comes from wherever the file's path came from.
                 let origin = match key {
@@ -1778,7 +1940,9 @@ mod tests {
                 | "client.max_body_bytes"
                 | "rate_limit.redis_url"
                 | "rate_limit.redis_password_file"
-                | "rate_limit.redis_ca_file" => Origin::Default,
+                | "rate_limit.redis_ca_file"
+                | "callback.listen"
+                | "callback.forward_url" => Origin::Default,
                 "credentials.secret_file" | "credentials.secret" => {
                     Origin::Env("IDMATCH_SECRET_FILE")
                 }
@@ -1885,7 +2049,7 @@ mod tests {
             }
             checked += 1;
         }
-        assert_eq!(checked, 14, "every duration key");
+        assert_eq!(checked, 19, "every duration key");
     }
 
     #[test]
@@ -2156,7 +2320,11 @@ mod tests {
                  client.max_in_flight, client.max_body_bytes, log.format, log.redact_query, \
                  rate_limit.interval, rate_limit.max_wait, rate_limit.max_queued, \
                  rate_limit.replicas, rate_limit.redis_url, rate_limit.redis_password_file, \
-                 rate_limit.redis_ca_file, rate_limit.redis_timeout)"
+                 rate_limit.redis_ca_file, rate_limit.redis_timeout, \
+                 callback.listen, callback.forward_url, callback.max_body_bytes, \
+                 callback.header_timeout, callback.body_timeout, callback.forward_timeout, \
+                 callback.max_in_flight, callback.previous_secret_grace, callback.dedup_ttl, \
+                 callback.dedup_max_ids)"
             )
         );
         assert!(file_error("\n[upstreams]\nurl = \"x\"")
@@ -2958,5 +3126,47 @@ mod tests {
             b"dev-secret-not-for-production"
         );
         assert_eq!(config.drain_delay, Duration::ZERO);
+    }
+
+    #[test]
+    fn the_callback_listener_needs_both_its_addresses() {
+        assert_eq!(config("", &[]).callback, None);
+        let on = config(
+            "[callback]\nforward_url = \"http://app.internal:3000/cm/\"",
+            &[("IDMATCH_CALLBACK_LISTEN", "0.0.0.0:8082")],
+        );
+        let callback = on.callback.unwrap();
+        assert_eq!(callback.listen, "0.0.0.0:8082".parse().unwrap());
+        assert_eq!(callback.forward.to_string(), "http://app.internal:3000/cm");
+        assert_eq!(callback.max_body_bytes, 64 * 1024);
+        assert_eq!(callback.previous_secret_grace, secs(300));
+        assert_eq!(callback.dedup_ttl, secs(3600));
+        assert_eq!(callback.dedup_max_ids, 10_000);
+
+        let message = env_error(&[("IDMATCH_CALLBACK_LISTEN", "0.0.0.0:8082")]);
+        assert!(
+            message.starts_with(
+                "IDMATCH_CALLBACK_LISTEN (environment): is set, so IDMATCH_CALLBACK_FORWARD_URL"
+            ),
+            "{message}"
+        );
+        let message = env_error(&[("IDMATCH_CALLBACK_FORWARD_URL", "http://app")]);
+        assert!(
+            message.starts_with(
+                "IDMATCH_CALLBACK_FORWARD_URL (environment): is set but IDMATCH_CALLBACK_LISTEN"
+            ),
+            "{message}"
+        );
+        let message = env_error(&[
+            ("IDMATCH_CALLBACK_LISTEN", "0.0.0.0:8082"),
+            ("IDMATCH_CALLBACK_FORWARD_URL", "ftp://app"),
+        ]);
+        assert_eq!(
+            message,
+            "IDMATCH_CALLBACK_FORWARD_URL (environment): expected an http(s) URL, got scheme \"ftp\""
+        );
+        // Checked with the listener off too.
+        let message = file_error("[callback]\nmax_body_bytes = \"lots\"");
+        assert!(message.contains("callback.max_body_bytes in"), "{message}");
     }
 }

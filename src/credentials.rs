@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use rustls::pki_types::CertificateDer;
 
+use crate::callback::verify::Verifier;
 use crate::config::{
     parse_certificates, read_ca_file, read_credential, Credentials, Secret, Upstream,
 };
@@ -44,6 +45,8 @@ pub struct Reloader {
     /// The last problem reported, so that a file that stays broken is reported once.
     failure: Option<String>,
     tokens: Arc<TokenCache>,
+    /// The callback listener's, which must follow the secret the tokens are signed with.
+    callbacks: Option<Arc<Verifier>>,
     metrics: Arc<Metrics>,
     /// Told a new key id: the shared rate limit is kept per credential.
     pacer: Option<Arc<Pacer>>,
@@ -79,6 +82,7 @@ impl Reloader {
             secret: credentials.secret.clone(),
             failure: None,
             tokens,
+            callbacks: None,
             metrics,
             pacer: None,
         })
@@ -87,6 +91,12 @@ impl Reloader {
     /// Also tells `pacer` when the key id changes.
     pub fn pacing(self, pacer: Option<Arc<Pacer>>) -> Self {
         Self { pacer, ..self }
+    }
+
+    /// Hands a changed secret to the callbacks' `verifier` too.
+    pub fn also_rotating(mut self, verifier: Arc<Verifier>) -> Self {
+        self.callbacks = Some(verifier);
+        self
     }
 
     /// Checks every `reload_interval`, forever: spawn it next to the server.
@@ -123,6 +133,9 @@ impl Reloader {
             .replace_signer(Signer::new(&key_id, secret.expose()));
         if let (true, Some(pacer)) = (key_id_changed, &self.pacer) {
             pacer.key_id_changed(&key_id);
+        }
+        if let Some(verifier) = self.callbacks.as_ref().filter(|_| secret_changed) {
+            verifier.rotate(secret.expose());
         }
         self.count("success");
         // The key id is public (it is in every token's header); the secret is never logged.

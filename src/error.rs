@@ -8,7 +8,7 @@ use std::error::Error as StdError;
 use std::io;
 
 use bytes::Bytes;
-use http::header::{HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
+use http::header::{HeaderName, HeaderValue, ALLOW, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
 use http::{Response, StatusCode};
 use http_body_util::Full;
 
@@ -84,6 +84,15 @@ pub enum ProxyError {
         limit: usize,
         waited: std::time::Duration,
     },
+    /// A callback (on the callback listener) without a valid signature.
+    #[error("{0}")]
+    CallbackSignature(crate::callback::verify::SignatureError),
+    #[error("{0} is not a callback: CM.com's callbacks are POST requests")]
+    CallbackMethod(http::Method),
+    #[error("cannot deliver the callback to the app: {0}")]
+    CallbackApp(String),
+    #[error("the app did not answer the callback within {0:?}")]
+    CallbackAppTimeout(std::time::Duration),
 }
 
 impl ProxyError {
@@ -171,14 +180,17 @@ impl ProxyError {
 
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::MethodRefused(_) => StatusCode::METHOD_NOT_ALLOWED,
+            Self::MethodRefused(_) | Self::CallbackMethod(_) => StatusCode::METHOD_NOT_ALLOWED,
+            Self::CallbackSignature(_) => StatusCode::UNAUTHORIZED,
             Self::ForeignAuthority(_) => StatusCode::MISDIRECTED_REQUEST,
             Self::InvalidTarget | Self::RequestBody(_) => StatusCode::BAD_REQUEST,
             // RFC 9112 §6.1: a transfer coding the server does not understand.
             Self::TransferCoding(_) => StatusCode::NOT_IMPLEMENTED,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::RequestBodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
-            Self::ConnectTimeout | Self::ResponseTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Self::ConnectTimeout | Self::ResponseTimeout(_) | Self::CallbackAppTimeout(_) => {
+                StatusCode::GATEWAY_TIMEOUT
+            }
             Self::Overloaded | Self::UpstreamBusy { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::SlotTooFar { .. } | Self::QueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Dns(_)
@@ -189,14 +201,18 @@ impl ProxyError {
             | Self::Egress(_)
             | Self::EgressAuthentication(_)
             | Self::Terminated(_)
-            | Self::UpstreamProtocol(_) => StatusCode::BAD_GATEWAY,
+            | Self::UpstreamProtocol(_)
+            | Self::CallbackApp(_) => StatusCode::BAD_GATEWAY,
         }
     }
 
     /// The RFC 9209 §2.3 error type, used as the JSON `code` too.
     pub fn code(&self) -> &'static str {
         match self {
-            Self::MethodRefused(_) | Self::ForeignAuthority(_) => "http_request_denied",
+            Self::MethodRefused(_)
+            | Self::ForeignAuthority(_)
+            | Self::CallbackMethod(_)
+            | Self::CallbackSignature(_) => "http_request_denied",
             Self::InvalidTarget
             | Self::RequestBody(_)
             | Self::RequestBodyTimeout(_)
@@ -211,9 +227,11 @@ impl ProxyError {
             Self::ConnectTimeout => "connection_timeout",
             Self::TlsCertificate(_) => "tls_certificate_error",
             Self::TlsProtocol(_) => "tls_protocol_error",
-            Self::Unreachable(_) | Self::Egress(_) => "destination_unavailable",
+            Self::Unreachable(_) | Self::Egress(_) | Self::CallbackApp(_) => {
+                "destination_unavailable"
+            }
             Self::EgressAuthentication(_) => "proxy_configuration_error",
-            Self::ResponseTimeout(_) => "http_response_timeout",
+            Self::ResponseTimeout(_) | Self::CallbackAppTimeout(_) => "http_response_timeout",
             Self::Terminated(_) => "connection_terminated",
             Self::UpstreamProtocol(_) => "http_protocol_error",
             // RFC 9209's nearest: a configured limit of the proxy was reached.
@@ -267,6 +285,16 @@ impl ProxyError {
         if let Some(seconds) = self.retry_after() {
             headers.insert(RETRY_AFTER, HeaderValue::from(seconds));
         }
+        match &self {
+            // RFC 9110 §11.6.1: a 401 names the scheme that would be accepted.
+            Self::CallbackSignature(_) => {
+                headers.insert(WWW_AUTHENTICATE, HeaderValue::from_static("HMAC"));
+            }
+            Self::CallbackMethod(_) => {
+                headers.insert(ALLOW, HeaderValue::from_static("POST"));
+            }
+            _ => {}
+        }
         response
             .extensions_mut()
             .insert(ProxyErrorCode(self.code()));
@@ -275,7 +303,7 @@ impl ProxyError {
 }
 
 /// `error: cause: cause`, as one line.
-fn chain(error: &dyn StdError) -> String {
+pub(crate) fn chain(error: &dyn StdError) -> String {
     let mut text = error.to_string();
     let mut cause = error.source();
     while let Some(e) = cause {
@@ -346,6 +374,10 @@ mod tests {
                 limit: 1,
                 retry_after: 1,
             },
+            ProxyError::CallbackSignature(crate::callback::verify::SignatureError::Missing),
+            ProxyError::CallbackMethod(http::Method::GET),
+            ProxyError::CallbackApp("x".into()),
+            ProxyError::CallbackAppTimeout(Duration::from_secs(1)),
         ];
         let number = |error: &ProxyError| match error {
             ProxyError::MethodRefused(_) => 0,
@@ -370,9 +402,13 @@ mod tests {
             ProxyError::UpstreamBusy { .. } => 19,
             ProxyError::SlotTooFar { .. } => 20,
             ProxyError::QueueFull { .. } => 21,
+            ProxyError::CallbackSignature(_) => 22,
+            ProxyError::CallbackMethod(_) => 23,
+            ProxyError::CallbackApp(_) => 24,
+            ProxyError::CallbackAppTimeout(_) => 25,
         };
         let numbers: Vec<usize> = samples.iter().map(number).collect();
-        assert_eq!(numbers, (0..22).collect::<Vec<_>>());
+        assert_eq!(numbers, (0..26).collect::<Vec<_>>());
         samples
     }
 
@@ -431,5 +467,16 @@ mod tests {
         assert_eq!(timeout.status(), StatusCode::GATEWAY_TIMEOUT);
         assert!(ProxyError::MethodRefused(http::Method::CONNECT).is_client_error());
         assert!(!ProxyError::Terminated("x".into()).is_client_error());
+    }
+
+    #[test]
+    fn callback_refusals_name_what_would_be_accepted() {
+        use crate::callback::verify::SignatureError;
+        let unsigned = ProxyError::CallbackSignature(SignatureError::Mismatch).into_response();
+        assert_eq!(unsigned.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(unsigned.headers()[WWW_AUTHENTICATE], "HMAC");
+        let get = ProxyError::CallbackMethod(http::Method::GET).into_response();
+        assert_eq!(get.status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(get.headers()[ALLOW], "POST");
     }
 }

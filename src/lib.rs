@@ -13,6 +13,8 @@
 //! - [`error`]: what fails, and the one place that renders it as a JSON 4xx/502/503/504.
 //! - [`server`]: listeners, connection timeouts, drain and shutdown.
 //! - [`observe`]: per-request id, in-flight limit, access log and metrics.
+//! - [`callback`]: the optional listener for CM.com's signed callbacks: verify, dedup, hand to
+//!   the app.
 //! - [`admin`]: `/livez`, `/readyz`, `/metrics`, and `/quitquitquit` (loopback) on their own listener.
 //! - [`metrics`]: the Prometheus registry; [`telemetry`]: logging.
 //!
@@ -21,6 +23,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod callback;
 pub mod config;
 pub mod credentials;
 pub mod error;

@@ -159,6 +159,7 @@ fn serve(loaded: Loaded, unknown: &[UnknownVariable]) -> ExitCode {
         tracing::info!(
             listen = %local(&listeners.proxy),
             admin = %local(&listeners.admin),
+            callback = listeners.callback.as_ref().map(local),
             upstream = %config.upstream.url(),
             workers,
             version = env!("CARGO_PKG_VERSION"),
@@ -176,9 +177,14 @@ async fn bind(loaded: &Loaded) -> Result<Listeners, String> {
             .await
             .map_err(|error| format!("{}: cannot listen on {addr}: {error}", loaded.describe(key)))
     };
+    let callback = match &loaded.config.callback {
+        Some(callback) => Some(bind("callback.listen", callback.listen).await?),
+        None => None,
+    };
     Ok(Listeners {
         proxy: bind("listen", loaded.config.listen).await?,
         admin: bind("admin.listen", loaded.config.admin_listen).await?,
+        callback,
     })
 }
 

@@ -83,6 +83,102 @@ pub struct BackendLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SecretLabels {
+    secret: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+/// `callbacks_refused{reason}`: why a callback never reached the app.
+const CALLBACK_REFUSALS: [&str; 8] = [
+    "method",
+    "missing_signature",
+    "malformed_signature",
+    "bad_signature",
+    "body_too_large",
+    "body_incomplete",
+    "invalid_target",
+    "overloaded",
+];
+/// `callbacks_verified{secret}`: the current one, or the previous one during its grace period.
+const CALLBACK_SECRETS: [&str; 2] = ["current", "previous"];
+/// `callbacks_forwarded{result}`: the app's status class, or why it gave none.
+const CALLBACK_RESULTS: [&str; 7] = [
+    "2xx",
+    "3xx",
+    "4xx",
+    "5xx",
+    "other",
+    "unreachable",
+    "timeout",
+];
+
+/// The callback listener's counters (`callbacks_*`).
+#[derive(Default)]
+pub struct CallbackMetrics {
+    pub received: Counter,
+    verified: Family<SecretLabels, Counter>,
+    refused: Family<ReasonLabels, Counter>,
+    /// Redeliveries of an event the app had acknowledged, answered without it.
+    pub duplicates: Counter,
+    forwarded: Family<ResultLabels, Counter>,
+}
+
+impl CallbackMetrics {
+    pub fn verified(&self, secret: &'static str) {
+        self.verified.get_or_create(&SecretLabels { secret }).inc();
+    }
+
+    pub fn refused(&self, reason: &'static str) {
+        self.refused.get_or_create(&ReasonLabels { reason }).inc();
+    }
+
+    pub fn forwarded(&self, result: &'static str) {
+        self.forwarded.get_or_create(&ResultLabels { result }).inc();
+    }
+
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "callbacks_received",
+            "Requests received on the callback listener",
+            self.received.clone(),
+        );
+        registry.register(
+            "callbacks_verified",
+            "Callbacks whose signature matched, by the secret that signed them",
+            self.verified.clone(),
+        );
+        registry.register(
+            "callbacks_refused",
+            "Callbacks refused before reaching the app, by reason",
+            self.refused.clone(),
+        );
+        registry.register(
+            "callbacks_duplicates",
+            "Verified callbacks of an event the app had acknowledged, answered without it",
+            self.duplicates.clone(),
+        );
+        registry.register(
+            "callbacks_forwarded",
+            "Verified callbacks handed to the app, by its status class or failure",
+            self.forwarded.clone(),
+        );
+        for secret in CALLBACK_SECRETS {
+            self.verified.get_or_create_owned(&SecretLabels { secret });
+        }
+        for reason in CALLBACK_REFUSALS {
+            self.refused.get_or_create_owned(&ReasonLabels { reason });
+        }
+        for result in CALLBACK_RESULTS {
+            self.forwarded.get_or_create_owned(&ResultLabels { result });
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TriggerLabels {
     trigger: &'static str,
 }
@@ -139,6 +235,7 @@ pub struct Metrics {
     pub rate_limit_abandoned: Family<OutcomeLabels, Counter>,
     /// Seconds until the credential's next free send slot, as last seen.
     pub rate_limit_next_free: Gauge<f64, AtomicU64>,
+    pub callbacks: CallbackMetrics,
 }
 
 impl Metrics {
@@ -192,6 +289,7 @@ impl Metrics {
             rate_limit_redis_errors: Counter::default(),
             rate_limit_abandoned: Family::default(),
             rate_limit_next_free: Gauge::default(),
+            callbacks: CallbackMetrics::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -329,6 +427,7 @@ impl Metrics {
         for outcome in ABANDONED_OUTCOMES {
             (metrics.rate_limit_abandoned).get_or_create_owned(&OutcomeLabels { outcome });
         }
+        metrics.callbacks.register(&mut registry);
         let build_info = Family::<BuildLabels, Gauge>::default();
         build_info
             .get_or_create(&BuildLabels {

@@ -28,6 +28,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::admin;
+use crate::callback::Callbacks;
 use crate::config::{ClientLimits, Config, Credentials};
 use crate::credentials::{CaReloader, Reloader};
 use crate::metrics::Metrics;
@@ -40,10 +41,12 @@ use crate::upstream;
 /// attempt, instead of spinning.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
 
-/// The two sockets the caller bound: the proxy's and the admin endpoints'.
+/// The sockets the caller bound: the proxy's, the admin endpoints', and the callbacks' when
+/// `callback.listen` is set.
 pub struct Listeners {
     pub proxy: TcpListener,
     pub admin: TcpListener,
+    pub callback: Option<TcpListener>,
 }
 
 /// Where the process is in its life; connections watch it.
@@ -65,6 +68,8 @@ pub struct Server {
     credentials: Credentials,
     /// Spawned by `serve`, with the credentials' reloader.
     ca_reloader: Option<CaReloader>,
+    /// When `callback.listen` is set.
+    callbacks: Option<Arc<Callbacks>>,
     limits: ClientLimits,
     redact_query: bool,
     drain_delay: Duration,
@@ -85,8 +90,16 @@ impl Server {
             &config.credentials.key_id,
             config.credentials.secret.expose(),
         );
-        let tokens = Arc::new(TokenCache::new(signer, config.token.clone(), clock));
+        let tokens = Arc::new(TokenCache::new(signer, config.token.clone(), clock.clone()));
         let metrics = Arc::new(Metrics::new());
+        let callbacks = config
+            .callback
+            .as_ref()
+            .map(|settings| {
+                let secret = config.credentials.secret.expose();
+                Callbacks::new(settings, secret, clock.clone(), metrics.clone()).map(Arc::new)
+            })
+            .transpose()?;
         let proxy = Arc::new(Proxy::new(config, client, tokens.clone(), metrics.clone()));
         let ca_reloader = CaReloader::new(
             &config.upstream,
@@ -96,6 +109,7 @@ impl Server {
         );
         Ok(Self {
             ca_reloader,
+            callbacks,
             proxy,
             tokens,
             metrics,
@@ -119,7 +133,24 @@ impl Server {
     pub async fn serve(mut self, listeners: Listeners, shutdown: impl Future<Output = ()>) {
         let refresher = tokio::spawn(self.tokens.clone().run_refresher());
         let reloader = Reloader::new(&self.credentials, self.tokens.clone(), self.metrics.clone())
+            .map(|reloader| match &self.callbacks {
+                Some(callbacks) => reloader.also_rotating(callbacks.verifier().clone()),
+                None => reloader,
+            })
             .map(|reloader| tokio::spawn(reloader.pacing(self.proxy.pacer().cloned()).run()));
+        // Stops accepting when the proxy's listener does, after the drain delay: CM.com, like
+        // the apps, keeps sending while the endpoints of a terminating pod are removed.
+        let (stop_callbacks, callbacks_stopped) = tokio::sync::oneshot::channel::<()>();
+        let callbacks = match (listeners.callback, self.callbacks.clone()) {
+            (Some(listener), Some(callbacks)) => Some(tokio::spawn(crate::callback::serve(
+                listener,
+                callbacks,
+                async {
+                    let _ = callbacks_stopped.await;
+                },
+            ))),
+            _ => None,
+        };
         let ca_reloader = self
             .ca_reloader
             .take()
@@ -196,12 +227,19 @@ impl Server {
         }
 
         drop(listener);
+        let _ = stop_callbacks.send(());
         phases.set(Phase::Stopping);
         tracing::info!(
             connections = connections.len(),
             "stopped accepting; waiting for in-flight requests"
         );
-        let finished = async { while connections.join_next().await.is_some() {} };
+        let callbacks_abort = callbacks.as_ref().map(|task| task.abort_handle());
+        let finished = async {
+            while connections.join_next().await.is_some() {}
+            if let Some(callbacks) = callbacks {
+                let _ = callbacks.await;
+            }
+        };
         if tokio::time::timeout(self.shutdown_timeout, finished)
             .await
             .is_err()
@@ -215,6 +253,9 @@ impl Server {
         }
         refresher.abort();
         admin.abort();
+        if let Some(callbacks) = callbacks_abort {
+            callbacks.abort();
+        }
         for reloader in [reloader, ca_reloader].into_iter().flatten() {
             reloader.abort();
         }

@@ -1067,3 +1067,62 @@ fn end_to_end_the_upstream_sees_one_valid_token_its_authority_and_the_target() {
         "a protocol combination never had a forbidden field to drop: {forbidden_sent:?}"
     );
 }
+
+/// A valid `Authorization: HMAC <sig>` value's digest, scheme case and spaces after it, then
+/// bytes of the whole value replaced, then where it is cut.
+type AuthorizationCase = (Vec<u8>, String, usize, Vec<(usize, u8)>, Option<usize>);
+
+fn callback_authorization() -> impl Strategy<Value = AuthorizationCase> {
+    (
+        proptest::collection::vec(any::<u8>(), 32),
+        "[hH][mM][aA][cC]",
+        1..4usize,
+        proptest::collection::vec((any::<usize>(), any::<u8>()), 0..3),
+        proptest::option::of(any::<usize>()),
+    )
+}
+
+/// The callback signature parser never panics, accepts exactly `HMAC` (any case), spaces and
+/// the padded standard base64 of 32 bytes, and then yields those bytes.
+#[test]
+fn the_callback_signature_parser_accepts_exactly_hmac_and_32_bytes_of_base64() {
+    use base64::engine::general_purpose::STANDARD;
+    use base64::Engine;
+    use idmatch_proxy::callback::verify::{parse_authorization, SignatureError};
+    check(
+        "callback signature header",
+        3000,
+        callback_authorization(),
+        |(digest, scheme, spaces, replaced, cut)| {
+            let mut value =
+                format!("{scheme}{}{}", " ".repeat(spaces), STANDARD.encode(&digest)).into_bytes();
+            let intact = replaced.is_empty() && cut.is_none();
+            for (at, byte) in replaced {
+                let at = at % value.len();
+                value[at] = byte;
+            }
+            if let Some(cut) = cut {
+                value.truncate(cut % value.len());
+            }
+            let parsed = parse_authorization(&value);
+            // An independent reading of the rule, on the mutated value.
+            let expected = value
+                .get(..5)
+                .filter(|start| start[..4].eq_ignore_ascii_case(b"HMAC") && start[4] == b' ')
+                .map(|_| value[4..].trim_ascii_start())
+                .and_then(|encoded| STANDARD.decode(encoded).ok())
+                .filter(|bytes| bytes.len() == 32);
+            match (&parsed, expected) {
+                (Ok(bytes), Some(expected)) => prop_assert_eq!(bytes.as_slice(), &expected[..]),
+                (Err(SignatureError::Malformed), None) => {}
+                (parsed, expected) => {
+                    prop_assert!(false, "{value:?}: parsed {parsed:?}, expected {expected:?}")
+                }
+            }
+            if intact {
+                prop_assert_eq!(parsed.map(|bytes| bytes.to_vec()), Ok(digest));
+            }
+            Ok(())
+        },
+    );
+}

@@ -33,7 +33,13 @@ CUSTOM_KINDS = {"ServiceMonitor", "PodMonitor"}
 # Container fields that legitimately differ between the patterns; everything else in the
 # proxy's container must be identical in every overlay.
 PATTERN_FIELDS = {"ports", "restartPolicy"}
-PATTERN_ENV = {"IDMATCH_LISTEN", "IDMATCH_DRAIN_DELAY"}
+# The callback listener faces an Ingress: the shared pattern's only.
+PATTERN_ENV = {
+    "IDMATCH_LISTEN",
+    "IDMATCH_DRAIN_DELAY",
+    "IDMATCH_CALLBACK_LISTEN",
+    "IDMATCH_CALLBACK_FORWARD_URL",
+}
 
 errors: list[str] = []
 

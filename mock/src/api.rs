@@ -9,6 +9,7 @@
 //! token, the base path, the rate limit (Mobile Identity only), the endpoint.
 
 mod auth;
+mod callbacks;
 mod limit;
 mod mobile_identity;
 mod sandbox;
@@ -36,6 +37,7 @@ use tracing::info;
 
 use self::{
     auth::{TokenError, Verifier},
+    callbacks::Notifier,
     limit::RateLimit,
     mobile_identity::NumberVerify,
     sessions::Sessions,
@@ -71,9 +73,19 @@ struct Inner {
     verifier: Verifier,
     clock: Clock,
     rate_limit: Option<RateLimit>,
-    number_verify: Mutex<Sessions<NumberVerify>>,
-    verifications: Mutex<Sessions<Verification>>,
+    number_verify: Mutex<Sessions<Subscribed<NumberVerify>>>,
+    verifications: Mutex<Sessions<Subscribed<Verification>>>,
     random: &'static dyn SecureRandom,
+    notifier: Notifier,
+    /// Whether a `callbackUrl` may be `http://` (local use only; CM.com requires https).
+    allow_http_callbacks: bool,
+}
+
+/// A session and the `callbackUrl` its changes are sent to.
+#[derive(Debug)]
+struct Subscribed<T> {
+    session: T,
+    callback_url: String,
 }
 
 impl MockApi {
@@ -90,6 +102,8 @@ impl MockApi {
             secret: secret.into(),
             rate_limit: None,
             clock: Arc::new(Instant::now),
+            allow_http_callbacks: false,
+            callback_retry_delays: callbacks::RETRY_DELAYS.to_vec(),
         }
     }
 }
@@ -100,9 +114,25 @@ pub struct Builder {
     secret: String,
     rate_limit: Option<Duration>,
     clock: Clock,
+    allow_http_callbacks: bool,
+    callback_retry_delays: Vec<Duration>,
 }
 
 impl Builder {
+    /// Accepts `http://` callback URLs, for a callback listener on this machine; CM.com
+    /// requires https (fact sheet §2.3). Off unless set.
+    pub fn allow_http_callbacks(mut self, allow: bool) -> Self {
+        self.allow_http_callbacks = allow;
+        self
+    }
+
+    /// The delays before each retry of a callback answered 5xx or not at all; default 1 s,
+    /// 2 s, 4 s.
+    pub fn callback_retry_delays(mut self, delays: Vec<Duration>) -> Self {
+        self.callback_retry_delays = delays;
+        self
+    }
+
     /// Enforces CM.com's "one request per second per key id" (fact sheet §5) with `interval`
     /// in place of the second: an authenticated Mobile Identity request arriving less than
     /// `interval` after the last one accepted is answered 429. Off unless set.
@@ -127,6 +157,8 @@ impl Builder {
                 number_verify: Mutex::default(),
                 verifications: Mutex::default(),
                 random: rustls::crypto::ring::default_provider().secure_random,
+                notifier: Notifier::new(&self.secret, self.callback_retry_delays),
+                allow_http_callbacks: self.allow_http_callbacks,
             }),
         }
     }
@@ -138,6 +170,7 @@ impl fmt::Debug for Builder {
         f.debug_struct("Builder")
             .field("key_id", &self.key_id)
             .field("rate_limit", &self.rate_limit)
+            .field("allow_http_callbacks", &self.allow_http_callbacks)
             .finish_non_exhaustive()
     }
 }
@@ -208,36 +241,50 @@ impl Inner {
     /// The device loading a `sessionUrl`: a Number Verify transaction or a verification.
     fn load_session(&self, token: &str, failed: bool) -> Result<Response<Body>, ApiError> {
         if let Some((id, transaction)) = lock(&self.number_verify).by_token(token) {
-            transaction.load(failed);
-            return Ok(transaction.to_response(id));
+            if transaction.session.load(failed) {
+                self.notify_number_verify(id, transaction)?;
+            }
+            return Ok(transaction.session.to_response(id));
         }
         if let Some((id, verification)) = lock(&self.verifications).by_token(token) {
-            verification.load(failed);
-            return Ok(verification.to_response(id));
+            let changes = verification.session.load(failed);
+            self.notify_verification(id, verification, changes)?;
+            return Ok(verification.session.to_response(id));
         }
         Err(ApiError::NotFound("unknown session"))
     }
 
     /// A new id (a version 4 UUID) and `sessionUrl` token (32 hex digits, as CM.com's).
     fn new_session(&self) -> Result<(String, String), ApiError> {
-        let mut bytes = [0u8; 32];
+        let mut token = [0u8; 16];
+        self.random
+            .fill(&mut token)
+            .map_err(|_| ApiError::Internal("no randomness for a session token"))?;
+        Ok((self.new_uuid()?, hex(&token)))
+    }
+
+    /// A version 4 UUID: session and event ids.
+    fn new_uuid(&self) -> Result<String, ApiError> {
+        let mut bytes = [0u8; 16];
         self.random
             .fill(&mut bytes)
-            .map_err(|_| ApiError::Internal("no randomness for a session id"))?;
+            .map_err(|_| ApiError::Internal("no randomness for an id"))?;
         bytes[6] = (bytes[6] & 0x0f) | 0x40;
         bytes[8] = (bytes[8] & 0x3f) | 0x80;
-        let hex = |bytes: &[u8]| -> String { bytes.iter().map(|b| format!("{b:02x}")).collect() };
-        let uuid = hex(&bytes[..16]);
-        let id = format!(
+        let uuid = hex(&bytes);
+        Ok(format!(
             "{}-{}-{}-{}-{}",
             &uuid[..8],
             &uuid[8..12],
             &uuid[12..16],
             &uuid[16..20],
             &uuid[20..]
-        );
-        Ok((id, hex(&bytes[16..])))
+        ))
     }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -264,6 +311,11 @@ fn object<'a>(
     status: StatusCode,
     fields: impl IntoIterator<Item = (&'a str, Value)>,
 ) -> Response<Body> {
+    json_text(status, object_text(fields))
+}
+
+/// The JSON text of [`object`]'s body; callbacks' events too.
+fn object_text<'a>(fields: impl IntoIterator<Item = (&'a str, Value)>) -> String {
     let mut text = String::from("{");
     for (key, value) in fields {
         if text.len() > 1 {
@@ -274,7 +326,7 @@ fn object<'a>(
         text.push_str(&value.to_string());
     }
     text.push('}');
-    json_text(status, text)
+    text
 }
 
 /// A request read whole: its head, and its body or why that could not be read.
@@ -370,15 +422,17 @@ impl Fields {
         }
     }
 
-    /// Required, and must begin with `https://` (fact sheet §2.3, §2.5.2); we also require a
-    /// host after it.
-    fn callback_url(&self) -> Result<&str, ApiError> {
+    /// Required, and must begin with `https://` (fact sheet §2.3, §2.5.2), or `http://` when
+    /// allowed for local use; we also require a host after it.
+    fn callback_url(&self, allow_http: bool) -> Result<&str, ApiError> {
         let url = self.required("callbackUrl")?;
-        let https = url.starts_with("https://")
+        let scheme_allowed =
+            url.starts_with("https://") || (allow_http && url.starts_with("http://"));
+        let valid = scheme_allowed
             && url
                 .parse::<Uri>()
                 .is_ok_and(|uri| uri.host().is_some_and(|host| !host.is_empty()));
-        if https {
+        if valid {
             Ok(url)
         } else {
             Err(ApiError::invalid(

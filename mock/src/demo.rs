@@ -245,6 +245,7 @@ impl RunningProxy {
         let listeners = Listeners {
             proxy: bind_or_any(listen).await?,
             admin: bind_or_any(admin).await?,
+            callback: None,
         };
         let addr = listeners
             .proxy

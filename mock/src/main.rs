@@ -98,6 +98,11 @@ struct Serve {
     /// (e.g. `1s`, `150ms`). Off by default.
     #[arg(long, value_name = "DURATION", value_parser = parse_interval)]
     rate_limit_interval: Option<Duration>,
+
+    /// Accept `http://` callback URLs (CM.com requires https), to send callbacks to a callback
+    /// listener on this machine.
+    #[arg(long)]
+    allow_http_callbacks: bool,
 }
 
 #[tokio::main]
@@ -168,7 +173,7 @@ async fn run(args: Serve) -> ExitCode {
         }
         Err(error) => return usage(&error),
     };
-    let mut api = MockApi::builder(key_id, secret);
+    let mut api = MockApi::builder(key_id, secret).allow_http_callbacks(args.allow_http_callbacks);
     if let Some(interval) = args.rate_limit_interval {
         api = api.rate_limit(interval);
     }

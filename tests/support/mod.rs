@@ -74,6 +74,8 @@ impl ProxyConfig {
 pub struct Proxy {
     pub addr: SocketAddr,
     pub admin: SocketAddr,
+    /// The callback listener, when the configuration has one.
+    pub callback: Option<SocketAddr>,
     pub tokens: Arc<TokenCache>,
     shutdown: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
@@ -89,12 +91,18 @@ impl Proxy {
         let loaded = config.load();
         let server = Server::with_clock(&loaded.config, clock).expect("server builds");
         let tokens = server.tokens().clone();
+        let callback = match &loaded.config.callback {
+            Some(_) => Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
+            None => None,
+        };
         let listeners = Listeners {
             proxy: TcpListener::bind("127.0.0.1:0").await.unwrap(),
             admin: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            callback,
         };
         let addr = listeners.proxy.local_addr().unwrap();
         let admin = listeners.admin.local_addr().unwrap();
+        let callback = listeners.callback.as_ref().map(|l| l.local_addr().unwrap());
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(server.serve(listeners, async {
             let _ = rx.await;
@@ -102,6 +110,7 @@ impl Proxy {
         Self {
             addr,
             admin,
+            callback,
             tokens,
             shutdown: Some(tx),
             task,
@@ -356,6 +365,8 @@ pub struct Binary {
     child: std::process::Child,
     pub addr: SocketAddr,
     pub admin: SocketAddr,
+    /// The callback listener, when configured.
+    pub callback: Option<SocketAddr>,
     logs: Arc<std::sync::Mutex<Vec<String>>>,
     /// Collects stderr after the "ready" line; ends when the process closes it.
     reader: Option<std::thread::JoinHandle<()>>,
@@ -394,7 +405,7 @@ impl Binary {
             .unwrap();
         let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
         let logs = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (addr, admin) = loop {
+        let (addr, admin, callback) = loop {
             let line = lines
                 .next()
                 .expect("the proxy exited before it was ready")
@@ -403,7 +414,8 @@ impl Binary {
             let event: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
             if event["message"] == "idmatch-proxy ready" {
                 let addr = |field: &str| event[field].as_str().unwrap().parse().unwrap();
-                break (addr("listen"), addr("admin"));
+                let callback = event["callback"].as_str().map(|a| a.parse().unwrap());
+                break (addr("listen"), addr("admin"), callback);
             }
         };
         let collected = logs.clone();
@@ -416,6 +428,7 @@ impl Binary {
             child,
             addr,
             admin,
+            callback,
             logs,
             reader: Some(reader),
         }

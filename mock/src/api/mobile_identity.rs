@@ -6,9 +6,9 @@ use serde_json::{json, Value};
 use time::{format_description::well_known::Rfc3339, Duration, OffsetDateTime};
 
 use super::{
-    id_in, lock, object,
+    id_in, lock, object, object_text,
     sandbox::{self, Claims},
-    ApiError, Fields, Inner, Received, SESSION_PATH,
+    ApiError, Fields, Inner, Received, Subscribed, SESSION_PATH,
 };
 use crate::server::Body;
 
@@ -47,15 +47,17 @@ pub(super) enum NumberVerify {
 
 impl NumberVerify {
     /// The device loaded the `sessionUrl`: completed, or failed if asked to. Only a pending
-    /// transaction moves.
-    pub(super) fn load(&mut self, failed: bool) {
-        if let Self::Pending { sandbox } = *self {
-            *self = if failed {
-                Self::Failed
-            } else {
-                Self::Completed { matched: sandbox }
-            };
-        }
+    /// transaction moves; whether it did is returned.
+    pub(super) fn load(&mut self, failed: bool) -> bool {
+        let Self::Pending { sandbox } = *self else {
+            return false;
+        };
+        *self = if failed {
+            Self::Failed
+        } else {
+            Self::Completed { matched: sandbox }
+        };
+        true
     }
 
     fn state(&self) -> (&'static str, Value) {
@@ -108,20 +110,45 @@ impl Inner {
                 let transaction = transactions
                     .get_mut(id)
                     .ok_or(ApiError::NotFound("unknown number verify id"))?;
-                Ok(transaction.to_response(id))
+                Ok(transaction.session.to_response(id))
             }
         }
     }
 
+    /// Sends the `numberVerify.state` event (fact sheet §4.1) to the transaction's callback URL.
+    pub(super) fn notify_number_verify(
+        &self,
+        id: &str,
+        transaction: &Subscribed<NumberVerify>,
+    ) -> Result<(), ApiError> {
+        let (state, matched) = transaction.session.state();
+        let fields = object_text([
+            ("id", id.into()),
+            ("state", state.into()),
+            ("match", matched),
+        ]);
+        self.notifier.send(
+            &transaction.callback_url,
+            self.new_uuid()?,
+            "numberVerify.state",
+            "numberVerify",
+            fields,
+        );
+        Ok(())
+    }
+
     fn start_number_verify(&self, origin: &str, body: &Fields) -> Result<Response<Body>, ApiError> {
         let phone_number = body.phone_number()?;
-        body.callback_url()?;
+        let callback_url = body.callback_url(self.allow_http_callbacks)?.to_owned();
         let (id, token) = self.new_session()?;
         let sandbox = sandbox::identity_of(phone_number).is_some();
         lock(&self.number_verify).insert(
             id.clone(),
             token.clone(),
-            NumberVerify::Pending { sandbox },
+            Subscribed {
+                session: NumberVerify::Pending { sandbox },
+                callback_url,
+            },
         );
         Ok(object(
             StatusCode::OK,

@@ -4,13 +4,15 @@
 use http::{Method, Response, StatusCode};
 use serde_json::Value;
 
-use super::{id_in, lock, object, ApiError, Fields, Inner, Received, SESSION_PATH};
+use super::{
+    id_in, lock, object, object_text, ApiError, Fields, Inner, Received, Subscribed, SESSION_PATH,
+};
 use crate::server::Body;
 
 const CHANNELS: [&str; 5] = ["whatsapp", "voice", "sms", "rcs", "viber"];
 
 /// A verification's `state` and `type`, as the API shows them.
-#[derive(Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) struct Verification {
     state: &'static str,
     kind: &'static str,
@@ -19,8 +21,9 @@ pub(super) struct Verification {
 impl Verification {
     /// The device loaded the `sessionUrl` of a pending silent verification: silent
     /// authentication succeeded, or failed and the flow fell back to an OTP (`smart`, fact
-    /// sheet §2.5.1) that is still pending.
-    pub(super) fn load(&mut self, failed: bool) {
+    /// sheet §2.5.1) that is still pending. Returns what it was before.
+    pub(super) fn load(&mut self, failed: bool) -> Self {
+        let before = self.clone();
         if (self.state, self.kind) == ("pending", "silent") {
             if failed {
                 self.kind = "smart";
@@ -28,6 +31,7 @@ impl Verification {
                 self.state = "success";
             }
         }
+        before
     }
 
     pub(super) fn to_response(&self, id: &str) -> Response<Body> {
@@ -62,25 +66,62 @@ impl Inner {
             .get_mut(id)
             .ok_or(ApiError::NotFound("unknown verification id"))?;
         // CM.com's example answers `smart` after a code (fact sheet §3.3): a code means an OTP.
-        *verification = Verification {
-            state,
-            kind: "smart",
-        };
-        Ok(verification.to_response(id))
+        let before = std::mem::replace(
+            &mut verification.session,
+            Verification {
+                state,
+                kind: "smart",
+            },
+        );
+        self.notify_verification(id, verification, before)?;
+        Ok(verification.session.to_response(id))
+    }
+
+    /// Sends `verification.state` and `verification.type` (fact sheet §4.2) to the
+    /// verification's callback URL, for each that changed since `before`.
+    pub(super) fn notify_verification(
+        &self,
+        id: &str,
+        verification: &Subscribed<Verification>,
+        before: Verification,
+    ) -> Result<(), ApiError> {
+        let now = &verification.session;
+        let changed = [
+            ("verification.state", before.state != now.state),
+            ("verification.type", before.kind != now.kind),
+        ];
+        for (kind, _) in changed.into_iter().filter(|(_, changed)| *changed) {
+            let fields = object_text([
+                ("id", id.into()),
+                ("state", now.state.into()),
+                ("type", now.kind.into()),
+            ]);
+            self.notifier.send(
+                &verification.callback_url,
+                self.new_uuid()?,
+                kind,
+                "verification",
+                fields,
+            );
+        }
+        Ok(())
     }
 
     fn start_verification(&self, origin: &str, body: &Fields) -> Result<Response<Body>, ApiError> {
         body.phone_number()?;
         body.optional("email")?;
-        body.callback_url()?;
+        let callback_url = body.callback_url(self.allow_http_callbacks)?.to_owned();
         check_channels(body)?;
         let (id, token) = self.new_session()?;
         lock(&self.verifications).insert(
             id.clone(),
             token.clone(),
-            Verification {
-                state: "pending",
-                kind: "silent",
+            Subscribed {
+                session: Verification {
+                    state: "pending",
+                    kind: "silent",
+                },
+                callback_url,
             },
         );
         Ok(object(
