@@ -126,22 +126,6 @@ impl App {
     }
 }
 
-/// The system clock plus an offset the test moves.
-#[derive(Default)]
-struct AdvancedClock(AtomicU64);
-
-impl AdvancedClock {
-    fn advance(&self, by: Duration) {
-        self.0.fetch_add(by.as_secs(), Ordering::SeqCst);
-    }
-}
-
-impl Clock for AdvancedClock {
-    fn now(&self) -> Duration {
-        SystemClock.now() + Duration::from_secs(self.0.load(Ordering::SeqCst))
-    }
-}
-
 /// A proxy with a callback listener forwarding to `forward_url`, in front of a TLS upstream that
 /// must never see a callback.
 struct Setup {
@@ -225,17 +209,6 @@ impl Setup {
     }
 }
 
-fn proxy_error(answer: &Answer) -> String {
-    let status = answer.headers.get("proxy-status").expect("a Proxy-Status");
-    assert_eq!(answer.headers["content-type"], "application/json");
-    let code = answer.json()["error"]["code"].as_str().unwrap().to_owned();
-    assert_eq!(
-        status.to_str().unwrap(),
-        format!("idmatch-proxy; error={code}")
-    );
-    code
-}
-
 #[tokio::test]
 async fn every_refusal_is_a_json_error_and_reaches_neither_the_app_nor_the_upstream() {
     let (app, app_addr) = App::start(200).await;
@@ -300,7 +273,11 @@ async fn every_refusal_is_a_json_error_and_reaches_neither_the_app_nor_the_upstr
     for (request, status, reason) in cases {
         let answer = send(&client, request).await;
         assert_eq!(answer.status, status, "{reason}");
-        proxy_error(&answer);
+        let code = answer.json()["error"]["code"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        assert_proxy_error(&answer, status, &code);
         if status == StatusCode::UNAUTHORIZED {
             assert_eq!(answer.headers["www-authenticate"], "HMAC");
         }
@@ -401,15 +378,17 @@ async fn an_app_that_is_down_or_slow_gets_a_5xx_then_the_retry_is_delivered() {
     let body = event("down-then-up");
 
     let answer = send(&client, signed(&url, SECRET, body.clone())).await;
-    assert_eq!(answer.status, StatusCode::BAD_GATEWAY);
-    assert_eq!(proxy_error(&answer), "destination_unavailable");
+    assert_proxy_error(&answer, StatusCode::BAD_GATEWAY, "destination_unavailable");
 
     // Listening now, but holding the callback past the forward timeout.
     let app = App::new(0);
     app.serve(socket.listen(16).unwrap());
     let answer = send(&client, signed(&url, SECRET, body.clone())).await;
-    assert_eq!(answer.status, StatusCode::GATEWAY_TIMEOUT);
-    assert_eq!(proxy_error(&answer), "http_response_timeout");
+    assert_proxy_error(
+        &answer,
+        StatusCode::GATEWAY_TIMEOUT,
+        "http_response_timeout",
+    );
 
     // A failure is not an acknowledgement: CM.com's next retry is delivered.
     app.answer(200);
@@ -465,10 +444,18 @@ async fn callbacks_beyond_the_concurrency_limit_get_an_immediate_503() {
     let url = setup.url("/cm");
     let request = signed(&url, SECRET, event("held"));
     let held = tokio::spawn(async move { send(&http1(), request).await });
-    poll_until(|| app.deliveries().len() == 1).await;
+    eventually(
+        Duration::from_secs(10),
+        "app.deliveries().len() == 1",
+        || std::future::ready(app.deliveries().len() == 1),
+    )
+    .await;
     let answer = send(&http1(), signed(&url, SECRET, event("second"))).await;
-    assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(proxy_error(&answer), "connection_limit_reached");
+    assert_proxy_error(
+        &answer,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "connection_limit_reached",
+    );
     app.answer(204);
     assert_eq!(held.await.unwrap().status, StatusCode::NO_CONTENT);
     assert_eq!(app.deliveries().len(), 1);
@@ -589,18 +576,6 @@ async fn a_one_mib_body_is_refused_before_it_is_read() {
     );
 }
 
-/// Polls `condition` until it holds, failing after 10 s.
-async fn poll_until(condition: impl Fn() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !condition() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "condition never held"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
 /// The whole loop: the mock (as CM.com) signs a Number Verify event when the session completes,
 /// the listener verifies it and the app receives it; an app answering 503 gets it again on the
 /// mock's retry, with the same event id.
@@ -637,9 +612,19 @@ async fn the_mocks_number_verify_callbacks_reach_the_app_verified() {
         .await;
     assert!(loaded.starts_with("HTTP/1.1 200"), "{loaded}");
 
-    poll_until(|| app.deliveries().len() == 1).await;
+    eventually(
+        Duration::from_secs(10),
+        "app.deliveries().len() == 1",
+        || std::future::ready(app.deliveries().len() == 1),
+    )
+    .await;
     app.answer(200);
-    poll_until(|| app.deliveries().len() == 2).await;
+    eventually(
+        Duration::from_secs(10),
+        "app.deliveries().len() == 2",
+        || std::future::ready(app.deliveries().len() == 2),
+    )
+    .await;
     let deliveries = app.deliveries();
     assert_eq!(
         deliveries[0].body, deliveries[1].body,
@@ -707,14 +692,24 @@ async fn the_mocks_verification_callbacks_reach_the_app_verified() {
     setup
         .load_session(started["sessionUrl"].as_str().unwrap())
         .await;
-    poll_until(|| app.deliveries().len() == 1).await;
+    eventually(
+        Duration::from_secs(10),
+        "app.deliveries().len() == 1",
+        || std::future::ready(app.deliveries().len() == 1),
+    )
+    .await;
     let code = serde_json::json!({ "verificationCode": "111111" });
     let request = Request::put(setup.proxy.url(&format!("/verify/{id}")))
         .header("content-type", "application/json")
         .body(Full::new(Bytes::from(code.to_string())))
         .unwrap();
     assert_eq!(send(&http1(), request).await.status, StatusCode::OK);
-    poll_until(|| app.deliveries().len() == 3).await;
+    eventually(
+        Duration::from_secs(10),
+        "app.deliveries().len() == 3",
+        || std::future::ready(app.deliveries().len() == 3),
+    )
+    .await;
 
     let events: Vec<serde_json::Value> = app
         .deliveries()

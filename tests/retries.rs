@@ -4,7 +4,7 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -14,30 +14,11 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use idmatch_mock::server::{json, Body};
 use idmatch_mock::{RunningServer, Server as Upstream, TestPki};
-use idmatch_proxy::token::{Clock, SystemClock};
 use serde_json::json;
 use support::*;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Barrier};
-
-/// The system clock, plus whole seconds the upstream adds before each 401. Tokens minted within
-/// one second are identical (HS256 is deterministic and the claims are in seconds), so without
-/// time passing a re-minted token could not be told from the refused one.
-#[derive(Default)]
-struct SteppedClock(AtomicU64);
-
-impl SteppedClock {
-    fn step(&self) {
-        self.0.fetch_add(1, Ordering::SeqCst);
-    }
-}
-
-impl Clock for SteppedClock {
-    fn now(&self) -> Duration {
-        SystemClock.now() + Duration::from_secs(self.0.load(Ordering::SeqCst))
-    }
-}
 
 /// What the upstream received: the `Authorization` value and the whole body, per request.
 #[derive(Clone, Default)]
@@ -77,7 +58,7 @@ fn unauthorized() -> http::Response<Body> {
 async fn refusing_first_token(
     pki: &TestPki,
     seen: &Seen,
-    clock: &Arc<SteppedClock>,
+    clock: &Arc<AdvancedClock>,
     holding: usize,
 ) -> RunningServer {
     let (seen, clock) = (seen.clone(), clock.clone());
@@ -92,7 +73,9 @@ async fn refusing_first_token(
                 let authorization = seen.record(request).await;
                 if *first.get_or_init(|| authorization.clone()) == authorization {
                     barrier.wait().await;
-                    clock.step();
+                    // Tokens minted within one second are identical (claims are in seconds):
+                    // time passes so that a re-minted token differs from the refused one.
+                    clock.advance(Duration::from_secs(1));
                     unauthorized()
                 } else {
                     json(StatusCode::OK, json!({"ok": true}))
@@ -103,7 +86,7 @@ async fn refusing_first_token(
         .await
 }
 
-async fn always_refusing(pki: &TestPki, seen: &Seen, clock: &Arc<SteppedClock>) -> RunningServer {
+async fn always_refusing(pki: &TestPki, seen: &Seen, clock: &Arc<AdvancedClock>) -> RunningServer {
     let (seen, clock) = (seen.clone(), clock.clone());
     Upstream::builder()
         .tls(pki)
@@ -111,7 +94,7 @@ async fn always_refusing(pki: &TestPki, seen: &Seen, clock: &Arc<SteppedClock>) 
             let (seen, clock) = (seen.clone(), clock.clone());
             async move {
                 seen.record(request).await;
-                clock.step();
+                clock.advance(Duration::from_secs(1));
                 unauthorized()
             }
         })

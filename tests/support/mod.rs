@@ -262,6 +262,23 @@ pub fn assert_proxy_error(answer: &Answer, status: http::StatusCode, code: &str)
     message.to_owned()
 }
 
+/// The system clock plus an offset the test moves forward: time passing for the proxy's tokens
+/// and grace periods without sleeping.
+#[derive(Default)]
+pub struct AdvancedClock(std::sync::atomic::AtomicU64);
+
+impl AdvancedClock {
+    pub fn advance(&self, by: Duration) {
+        (self.0).fetch_add(by.as_secs(), std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Clock for AdvancedClock {
+    fn now(&self) -> Duration {
+        SystemClock.now() + Duration::from_secs(self.0.load(std::sync::atomic::Ordering::SeqCst))
+    }
+}
+
 /// Waits until `done` resolves to true, asking every 5 ms, for at most `limit`; panics naming
 /// `what` otherwise. A plain condition is `|| std::future::ready(condition)`.
 pub async fn eventually<F>(limit: Duration, what: &str, mut done: impl FnMut() -> F)
