@@ -103,6 +103,7 @@ impl MockApi {
             rate_limit: None,
             clock: Arc::new(Instant::now),
             allow_http_callbacks: false,
+            allow_remote_callbacks: false,
             callback_retry_delays: callbacks::RETRY_DELAYS.to_vec(),
         }
     }
@@ -115,6 +116,7 @@ pub struct Builder {
     rate_limit: Option<Duration>,
     clock: Clock,
     allow_http_callbacks: bool,
+    allow_remote_callbacks: bool,
     callback_retry_delays: Vec<Duration>,
 }
 
@@ -123,6 +125,14 @@ impl Builder {
     /// requires https (fact sheet §2.3). Off unless set.
     pub fn allow_http_callbacks(mut self, allow: bool) -> Self {
         self.allow_http_callbacks = allow;
+        self
+    }
+
+    /// Calls callback URLs on other machines too; off unless set, so that the mock never calls
+    /// the internet by surprise (a `callbackUrl` like CM's `https://mycallbackurl` is logged,
+    /// not called).
+    pub fn allow_remote_callbacks(mut self, allow: bool) -> Self {
+        self.allow_remote_callbacks = allow;
         self
     }
 
@@ -157,7 +167,11 @@ impl Builder {
                 number_verify: Mutex::default(),
                 verifications: Mutex::default(),
                 random: rustls::crypto::ring::default_provider().secure_random,
-                notifier: Notifier::new(&self.secret, self.callback_retry_delays),
+                notifier: Notifier::new(
+                    &self.secret,
+                    self.callback_retry_delays,
+                    self.allow_remote_callbacks,
+                ),
                 allow_http_callbacks: self.allow_http_callbacks,
             }),
         }

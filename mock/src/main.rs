@@ -103,6 +103,11 @@ struct Serve {
     /// listener on this machine.
     #[arg(long)]
     allow_http_callbacks: bool,
+
+    /// Call callback URLs on other machines too. Without it a callback whose host is not
+    /// loopback (localhost, 127.0.0.0/8, ::1) is logged and not sent.
+    #[arg(long)]
+    allow_remote_callbacks: bool,
 }
 
 #[tokio::main]
@@ -173,7 +178,9 @@ async fn run(args: Serve) -> ExitCode {
         }
         Err(error) => return usage(&error),
     };
-    let mut api = MockApi::builder(key_id, secret).allow_http_callbacks(args.allow_http_callbacks);
+    let mut api = MockApi::builder(key_id, secret)
+        .allow_http_callbacks(args.allow_http_callbacks)
+        .allow_remote_callbacks(args.allow_remote_callbacks);
     if let Some(interval) = args.rate_limit_interval {
         api = api.rate_limit(interval);
     }

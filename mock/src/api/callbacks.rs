@@ -5,7 +5,9 @@
 //! Our choices where CM.com is silent (§4.4, §7.1): one event per changed property; the event id
 //! stays the same across retries; a 5xx, no answer within [`ATTEMPT_TIMEOUT`] or a failed
 //! connection is retried after each of the configured delays (default 1 s, 2 s, 4 s), then the
-//! event is dropped; a 2xx, 3xx or 4xx ends the delivery.
+//! event is dropped; a 2xx, 3xx or 4xx ends the delivery. A development mock must never call
+//! the internet by surprise (CM's own examples name public hosts): a `callbackUrl` whose host is
+//! not a loopback name or address is logged and not called, unless remote callbacks are allowed.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -41,10 +43,12 @@ pub(super) struct Notifier {
     key: ring::hmac::Key,
     client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     retry_delays: Arc<[Duration]>,
+    /// Whether hosts other than this machine's are called.
+    remote: bool,
 }
 
 impl Notifier {
-    pub(super) fn new(secret: &str, retry_delays: Vec<Duration>) -> Self {
+    pub(super) fn new(secret: &str, retry_delays: Vec<Duration>, remote: bool) -> Self {
         let mut roots = rustls::RootCertStore::empty();
         roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
         let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
@@ -65,6 +69,7 @@ impl Notifier {
             key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes()),
             client: Client::builder(TokioExecutor::new()).build(connector),
             retry_delays: retry_delays.into(),
+            remote,
         }
     }
 
@@ -78,6 +83,13 @@ impl Notifier {
         object: &'static str,
         fields: String,
     ) {
+        if !self.remote && !on_this_machine(url) {
+            info!(
+                kind,
+                "callback not sent: its host is not on this machine (--allow-remote-callbacks)"
+            );
+            return;
+        }
         let created = OffsetDateTime::now_utc()
             .format(format_description!(
                 "[year]-[month]-[day]T[hour]:[minute]:[second]+00:00"
@@ -134,6 +146,50 @@ impl Notifier {
                 Some(delay) => tokio::time::sleep(*delay).await,
                 None => return,
             }
+        }
+    }
+}
+
+/// Whether `url` names a loopback host (`localhost`, `127.0.0.0/8`, `::1`), decided without a
+/// DNS lookup.
+fn on_this_machine(url: &str) -> bool {
+    let Some(host) = url
+        .parse::<http::Uri>()
+        .ok()
+        .and_then(|uri| uri.host().map(str::to_owned))
+    else {
+        return false;
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::on_this_machine;
+
+    #[test]
+    fn only_loopback_hosts_are_on_this_machine() {
+        for url in [
+            "https://localhost/cb",
+            "http://LOCALHOST:8082/cb?x=1",
+            "http://127.0.0.1:8082/cb",
+            "http://127.9.9.9/cb",
+            "http://[::1]:8082/cb",
+        ] {
+            assert!(on_this_machine(url), "{url}");
+        }
+        for url in [
+            "https://example.com/callback",
+            "https://mycallbackurl",
+            "https://10.0.0.1/cb",
+            "https://localhost.example.com/cb",
+            "not a url",
+        ] {
+            assert!(!on_this_machine(url), "{url}");
         }
     }
 }
