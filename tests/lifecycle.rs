@@ -216,16 +216,14 @@ async fn quitquitquit_drains_and_exits_0() {
 
     // Draining: not ready, still serving.
     let url = format!("http://{}/readyz", proxy.admin);
-    let deadline = Instant::now() + Duration::from_secs(1);
-    let draining = loop {
+    let draining = eventually_some(Duration::from_secs(5), "healthcheck failing", || {
         let check = Binary::command()
             .args(["healthcheck", "--url", &url])
             .output()
             .unwrap();
-        if !check.status.success() || Instant::now() > deadline {
-            break check;
-        }
-    };
+        std::future::ready((!check.status.success()).then_some(check))
+    })
+    .await;
     assert_eq!(draining.status.code(), Some(1));
     assert_eq!(
         String::from_utf8_lossy(&draining.stderr),

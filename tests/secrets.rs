@@ -304,8 +304,15 @@ async fn no_credential_leaves_except_in_the_authorization_sent_to_the_configured
             .send("after rotation", &client, get(&url(addr, "/plain")))
             .await;
     }
+    let failed_reloads = "idmatch_proxy_credential_reloads_total{outcome=\"failure\"}";
+    let failed_before = scrape(proxy.1, failed_reloads).await;
     std::fs::write(&secret_file, "").unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    eventually(
+        Duration::from_secs(5),
+        "the empty secret file read",
+        || async { scrape(proxy.1, failed_reloads).await > failed_before },
+    )
+    .await;
     sweep
         .send("during a failed reload", &client, get(&url(addr, "/plain")))
         .await;

@@ -285,8 +285,24 @@ pub async fn eventually<F>(limit: Duration, what: &str, mut done: impl FnMut() -
 where
     F: std::future::Future<Output = bool>,
 {
+    eventually_some(limit, what, || {
+        let done = done();
+        async move { done.await.then_some(()) }
+    })
+    .await
+}
+
+/// Waits until `attempt` resolves to `Some`, asking every 5 ms, for at most `limit`, and returns
+/// what it found; panics naming `what` otherwise.
+pub async fn eventually_some<T, F>(limit: Duration, what: &str, mut attempt: impl FnMut() -> F) -> T
+where
+    F: std::future::Future<Output = Option<T>>,
+{
     let deadline = tokio::time::Instant::now() + limit;
-    while !done().await {
+    loop {
+        if let Some(found) = attempt().await {
+            return found;
+        }
         assert!(
             tokio::time::Instant::now() < deadline,
             "not within {limit:?}: {what}"
