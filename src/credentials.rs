@@ -602,7 +602,7 @@ mod tests {
                     .map(|(k, v)| (k.to_owned(), v.to_owned())),
                 );
                 let upstream = Config::from_parts(None, &env).unwrap().config.upstream;
-                let (_client, trust) = crate::upstream::client(&upstream).unwrap();
+                let trust = crate::upstream::Trust::new(&upstream).unwrap();
                 let metrics = Arc::new(Metrics::new());
                 let interval = Duration::from_secs(1);
                 let reloader =
@@ -699,7 +699,7 @@ mod tests {
                     .map(|(k, v)| (k.to_owned(), v.to_owned())),
             );
             let upstream = Config::from_parts(None, &env).unwrap().config.upstream;
-            let (_client, trust) = crate::upstream::client(&upstream).unwrap();
+            let trust = crate::upstream::Trust::new(&upstream).unwrap();
             let metrics = Arc::new(Metrics::new());
             assert!(CaReloader::new(&upstream, Duration::from_secs(1), trust, metrics).is_none());
         }

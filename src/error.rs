@@ -4,13 +4,12 @@
 //! error type, and a JSON body `{"error":{"code","message"}}` whose `code` is the same RFC 9209
 //! error type. A client tells them from CM.com's own answers by that header.
 
-use std::error::Error as StdError;
-use std::io;
-
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue, ALLOW, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
 use http::{Response, StatusCode};
 use http_body_util::Full;
+
+use crate::upstream::{Failure, InvalidTarget};
 
 /// The `Proxy-Status` field of RFC 9209.
 pub static PROXY_STATUS: HeaderName = HeaderName::from_static("proxy-status");
@@ -41,28 +40,11 @@ pub enum ProxyError {
     /// so any other would reach the upstream still applied and no longer declared.
     #[error("Transfer-Encoding {0:?} is not supported: send the body with Content-Length or chunked alone")]
     TransferCoding(String),
-    #[error("cannot resolve the upstream host: {0}")]
-    Dns(String),
-    #[error("the upstream refused the connection")]
-    ConnectionRefused,
-    #[error("connecting to the upstream timed out")]
-    ConnectTimeout,
-    #[error("the upstream's TLS certificate was rejected: {0}")]
-    TlsCertificate(String),
-    #[error("the TLS handshake with the upstream failed: {0}")]
-    TlsProtocol(String),
-    #[error("cannot connect to the upstream: {0}")]
-    Unreachable(String),
-    /// The egress proxy could not be reached or would not open the tunnel; the message names it.
-    #[error("{0}")]
-    Egress(String),
-    /// The egress proxy wants other credentials than its URL gives: an operator must act.
-    #[error("{0}")]
-    EgressAuthentication(String),
+    /// Connecting to the upstream, or the exchange on a connection, failed.
+    #[error(transparent)]
+    Upstream(#[from] Failure),
     #[error("the upstream sent no response headers within {0:?}")]
     ResponseTimeout(std::time::Duration),
-    #[error("the upstream closed the connection before responding: {0}")]
-    Terminated(String),
     /// An answer that cannot be passed on to the client (RFC 9209 §2.3.13).
     #[error("the upstream broke the HTTP exchange: {0}")]
     UpstreamProtocol(&'static str),
@@ -84,9 +66,13 @@ pub enum ProxyError {
         limit: usize,
         waited: std::time::Duration,
     },
-    /// A callback (on the callback listener) without a valid signature.
-    #[error("{0}")]
-    CallbackSignature(crate::callback::verify::SignatureError),
+    /// A callback (on the callback listener) without a valid signature; `reason` is its
+    /// metric label.
+    #[error("{message}")]
+    CallbackSignature {
+        reason: &'static str,
+        message: String,
+    },
     #[error("{0} is not a callback: CM.com's callbacks are POST requests")]
     CallbackMethod(http::Method),
     #[error("cannot deliver the callback to the app: {0}")]
@@ -125,84 +111,24 @@ impl ProxyError {
         "proxy_configuration_error",
     ];
 
-    /// Sorts a client error by walking its causes. rustls' errors arrive wrapped in one or two
-    /// `io::Error`s, whose `source` skips the error they wrap, so those are opened by `get_ref`.
-    pub fn from_upstream(error: crate::pool::SendError) -> Self {
-        let mut cause: Option<&(dyn StdError + 'static)> = Some(&error);
-        while let Some(e) = cause {
-            // Before its causes: the proxy's own connection errors are not the upstream's.
-            if let Some(egress) = e.downcast_ref::<crate::upstream::EgressError>() {
-                return Self::from_egress(egress);
-            }
-            if let Some(tls) = e.downcast_ref::<rustls::Error>() {
-                return Self::from_tls(tls);
-            }
-            if let Some(dns) = e.downcast_ref::<crate::upstream::DnsError>() {
-                return Self::Dns(dns.to_string());
-            }
-            if e.is::<crate::upstream::ConnectTimeout>() {
-                return Self::ConnectTimeout;
-            }
-            cause = match e.downcast_ref::<io::Error>() {
-                Some(io) => match io.kind() {
-                    io::ErrorKind::ConnectionRefused => return Self::ConnectionRefused,
-                    io::ErrorKind::TimedOut => return Self::ConnectTimeout,
-                    _ => io.get_ref().map(|inner| inner as &(dyn StdError + 'static)),
-                },
-                None => e.source(),
-            };
-        }
-        let detail = chain(&error);
-        if matches!(error, crate::pool::SendError::Connect(_)) {
-            Self::Unreachable(detail)
-        } else {
-            Self::Terminated(detail)
-        }
-    }
-
-    fn from_egress(error: &crate::upstream::EgressError) -> Self {
-        use crate::upstream::EgressError;
-        match error {
-            EgressError::AuthenticationRequired { .. }
-            | EgressError::AuthenticationRejected { .. } => {
-                Self::EgressAuthentication(chain(error))
-            }
-            _ => Self::Egress(chain(error)),
-        }
-    }
-
-    fn from_tls(error: &rustls::Error) -> Self {
-        match error {
-            rustls::Error::InvalidCertificate(_) => Self::TlsCertificate(error.to_string()),
-            _ => Self::TlsProtocol(error.to_string()),
-        }
-    }
-
     pub fn status(&self) -> StatusCode {
         match self {
             Self::MethodRefused(_) | Self::CallbackMethod(_) => StatusCode::METHOD_NOT_ALLOWED,
-            Self::CallbackSignature(_) => StatusCode::UNAUTHORIZED,
+            Self::CallbackSignature { .. } => StatusCode::UNAUTHORIZED,
             Self::ForeignAuthority(_) => StatusCode::MISDIRECTED_REQUEST,
             Self::InvalidTarget | Self::RequestBody(_) => StatusCode::BAD_REQUEST,
             // RFC 9112 §6.1: a transfer coding the server does not understand.
             Self::TransferCoding(_) => StatusCode::NOT_IMPLEMENTED,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::RequestBodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
-            Self::ConnectTimeout | Self::ResponseTimeout(_) | Self::CallbackAppTimeout(_) => {
-                StatusCode::GATEWAY_TIMEOUT
-            }
+            Self::Upstream(Failure::ConnectTimeout)
+            | Self::ResponseTimeout(_)
+            | Self::CallbackAppTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::Overloaded | Self::UpstreamBusy { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::SlotTooFar { .. } | Self::QueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
-            Self::Dns(_)
-            | Self::ConnectionRefused
-            | Self::TlsCertificate(_)
-            | Self::TlsProtocol(_)
-            | Self::Unreachable(_)
-            | Self::Egress(_)
-            | Self::EgressAuthentication(_)
-            | Self::Terminated(_)
-            | Self::UpstreamProtocol(_)
-            | Self::CallbackApp(_) => StatusCode::BAD_GATEWAY,
+            Self::Upstream(_) | Self::UpstreamProtocol(_) | Self::CallbackApp(_) => {
+                StatusCode::BAD_GATEWAY
+            }
         }
     }
 
@@ -212,7 +138,7 @@ impl ProxyError {
             Self::MethodRefused(_)
             | Self::ForeignAuthority(_)
             | Self::CallbackMethod(_)
-            | Self::CallbackSignature(_) => "http_request_denied",
+            | Self::CallbackSignature { .. } => "http_request_denied",
             Self::InvalidTarget
             | Self::RequestBody(_)
             | Self::RequestBodyTimeout(_)
@@ -222,17 +148,18 @@ impl ProxyError {
             Self::BodyTooLarge { .. } => "http_request_denied",
             // The rate limit is the proxy's policy too (CM.com's, kept on its behalf).
             Self::SlotTooFar { .. } | Self::QueueFull { .. } => "http_request_denied",
-            Self::Dns(_) => "dns_error",
-            Self::ConnectionRefused => "connection_refused",
-            Self::ConnectTimeout => "connection_timeout",
-            Self::TlsCertificate(_) => "tls_certificate_error",
-            Self::TlsProtocol(_) => "tls_protocol_error",
-            Self::Unreachable(_) | Self::Egress(_) | Self::CallbackApp(_) => {
-                "destination_unavailable"
-            }
-            Self::EgressAuthentication(_) => "proxy_configuration_error",
+            Self::Upstream(failure) => match failure {
+                Failure::Dns(_) => "dns_error",
+                Failure::ConnectionRefused => "connection_refused",
+                Failure::ConnectTimeout => "connection_timeout",
+                Failure::TlsCertificate(_) => "tls_certificate_error",
+                Failure::TlsProtocol(_) => "tls_protocol_error",
+                Failure::Unreachable(_) | Failure::Egress(_) => "destination_unavailable",
+                Failure::EgressAuthentication(_) => "proxy_configuration_error",
+                Failure::Terminated(_) => "connection_terminated",
+            },
+            Self::CallbackApp(_) => "destination_unavailable",
             Self::ResponseTimeout(_) | Self::CallbackAppTimeout(_) => "http_response_timeout",
-            Self::Terminated(_) => "connection_terminated",
             Self::UpstreamProtocol(_) => "http_protocol_error",
             // RFC 9209's nearest: a configured limit of the proxy was reached.
             Self::Overloaded | Self::UpstreamBusy { .. } => "connection_limit_reached",
@@ -246,17 +173,7 @@ impl ProxyError {
 
     /// Whether connecting to the upstream failed (as opposed to an exchange on a connection).
     pub fn is_connect_error(&self) -> bool {
-        matches!(
-            self,
-            Self::Dns(_)
-                | Self::ConnectionRefused
-                | Self::ConnectTimeout
-                | Self::TlsCertificate(_)
-                | Self::TlsProtocol(_)
-                | Self::Unreachable(_)
-                | Self::Egress(_)
-                | Self::EgressAuthentication(_)
-        )
+        matches!(self, Self::Upstream(failure) if failure.is_connect())
     }
 
     /// Seconds after which the client may try again (RFC 9110 §10.2.3), for refusals that know.
@@ -287,7 +204,7 @@ impl ProxyError {
         }
         match &self {
             // RFC 9110 §11.6.1: a 401 names the scheme that would be accepted.
-            Self::CallbackSignature(_) => {
+            Self::CallbackSignature { .. } => {
                 headers.insert(WWW_AUTHENTICATE, HeaderValue::from_static("HMAC"));
             }
             Self::CallbackMethod(_) => {
@@ -302,16 +219,10 @@ impl ProxyError {
     }
 }
 
-/// `error: cause: cause`, as one line.
-pub(crate) fn chain(error: &dyn StdError) -> String {
-    let mut text = error.to_string();
-    let mut cause = error.source();
-    while let Some(e) = cause {
-        text.push_str(": ");
-        text.push_str(&e.to_string());
-        cause = e.source();
+impl From<InvalidTarget> for ProxyError {
+    fn from(_: InvalidTarget) -> Self {
+        Self::InvalidTarget
     }
-    text
 }
 
 #[cfg(test)]
@@ -321,7 +232,7 @@ mod tests {
 
     #[tokio::test]
     async fn renders_json_with_proxy_status() {
-        let response = ProxyError::ConnectionRefused.into_response();
+        let response = ProxyError::Upstream(Failure::ConnectionRefused).into_response();
         assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
         assert_eq!(
             response.headers()[&PROXY_STATUS],
@@ -349,16 +260,16 @@ mod tests {
             ProxyError::RequestBody("x".into()),
             ProxyError::RequestBodyTimeout(Duration::from_secs(1)),
             ProxyError::TransferCoding("gzip".into()),
-            ProxyError::Dns("x".into()),
-            ProxyError::ConnectionRefused,
-            ProxyError::ConnectTimeout,
-            ProxyError::TlsCertificate("x".into()),
-            ProxyError::TlsProtocol("x".into()),
-            ProxyError::Unreachable("x".into()),
-            ProxyError::Egress("x".into()),
-            ProxyError::EgressAuthentication("x".into()),
+            ProxyError::Upstream(Failure::Dns("x".into())),
+            ProxyError::Upstream(Failure::ConnectionRefused),
+            ProxyError::Upstream(Failure::ConnectTimeout),
+            ProxyError::Upstream(Failure::TlsCertificate("x".into())),
+            ProxyError::Upstream(Failure::TlsProtocol("x".into())),
+            ProxyError::Upstream(Failure::Unreachable("x".into())),
+            ProxyError::Upstream(Failure::Egress("x".into())),
+            ProxyError::Upstream(Failure::EgressAuthentication("x".into())),
             ProxyError::ResponseTimeout(Duration::from_secs(1)),
-            ProxyError::Terminated("x".into()),
+            ProxyError::Upstream(Failure::Terminated("x".into())),
             ProxyError::UpstreamProtocol("x"),
             ProxyError::Overloaded,
             ProxyError::UpstreamBusy {
@@ -374,7 +285,10 @@ mod tests {
                 limit: 1,
                 retry_after: 1,
             },
-            ProxyError::CallbackSignature(crate::callback::verify::SignatureError::Missing),
+            ProxyError::CallbackSignature {
+                reason: "missing",
+                message: "x".into(),
+            },
             ProxyError::CallbackMethod(http::Method::GET),
             ProxyError::CallbackApp("x".into()),
             ProxyError::CallbackAppTimeout(Duration::from_secs(1)),
@@ -387,22 +301,22 @@ mod tests {
             ProxyError::RequestBody(_) => 4,
             ProxyError::RequestBodyTimeout(_) => 5,
             ProxyError::TransferCoding(_) => 6,
-            ProxyError::Dns(_) => 7,
-            ProxyError::ConnectionRefused => 8,
-            ProxyError::ConnectTimeout => 9,
-            ProxyError::TlsCertificate(_) => 10,
-            ProxyError::TlsProtocol(_) => 11,
-            ProxyError::Unreachable(_) => 12,
-            ProxyError::Egress(_) => 13,
-            ProxyError::EgressAuthentication(_) => 14,
+            ProxyError::Upstream(Failure::Dns(_)) => 7,
+            ProxyError::Upstream(Failure::ConnectionRefused) => 8,
+            ProxyError::Upstream(Failure::ConnectTimeout) => 9,
+            ProxyError::Upstream(Failure::TlsCertificate(_)) => 10,
+            ProxyError::Upstream(Failure::TlsProtocol(_)) => 11,
+            ProxyError::Upstream(Failure::Unreachable(_)) => 12,
+            ProxyError::Upstream(Failure::Egress(_)) => 13,
+            ProxyError::Upstream(Failure::EgressAuthentication(_)) => 14,
             ProxyError::ResponseTimeout(_) => 15,
-            ProxyError::Terminated(_) => 16,
+            ProxyError::Upstream(Failure::Terminated(_)) => 16,
             ProxyError::UpstreamProtocol(_) => 17,
             ProxyError::Overloaded => 18,
             ProxyError::UpstreamBusy { .. } => 19,
             ProxyError::SlotTooFar { .. } => 20,
             ProxyError::QueueFull { .. } => 21,
-            ProxyError::CallbackSignature(_) => 22,
+            ProxyError::CallbackSignature { .. } => 22,
             ProxyError::CallbackMethod(_) => 23,
             ProxyError::CallbackApp(_) => 24,
             ProxyError::CallbackAppTimeout(_) => 25,
@@ -453,26 +367,29 @@ mod tests {
         };
         assert!(full.is_client_error());
         assert_eq!(full.into_response().headers()[RETRY_AFTER], "1");
-        let other = ProxyError::ConnectionRefused.into_response();
+        let other = ProxyError::Upstream(Failure::ConnectionRefused).into_response();
         assert!(!other.headers().contains_key(RETRY_AFTER));
     }
 
     #[test]
     fn timeouts_are_504_and_refusals_4xx() {
         assert_eq!(
-            ProxyError::ConnectTimeout.status(),
+            ProxyError::Upstream(Failure::ConnectTimeout).status(),
             StatusCode::GATEWAY_TIMEOUT
         );
         let timeout = ProxyError::ResponseTimeout(std::time::Duration::from_secs(1));
         assert_eq!(timeout.status(), StatusCode::GATEWAY_TIMEOUT);
         assert!(ProxyError::MethodRefused(http::Method::CONNECT).is_client_error());
-        assert!(!ProxyError::Terminated("x".into()).is_client_error());
+        assert!(!ProxyError::Upstream(Failure::Terminated("x".into())).is_client_error());
     }
 
     #[test]
     fn callback_refusals_name_what_would_be_accepted() {
-        use crate::callback::verify::SignatureError;
-        let unsigned = ProxyError::CallbackSignature(SignatureError::Mismatch).into_response();
+        let unsigned = ProxyError::CallbackSignature {
+            reason: "mismatch",
+            message: "x".into(),
+        }
+        .into_response();
         assert_eq!(unsigned.status(), StatusCode::UNAUTHORIZED);
         assert_eq!(unsigned.headers()[WWW_AUTHENTICATE], "HMAC");
         let get = ProxyError::CallbackMethod(http::Method::GET).into_response();

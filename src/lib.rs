@@ -31,7 +31,6 @@ pub mod headers;
 pub mod metrics;
 pub mod observe;
 pub mod pace;
-pub mod pool;
 pub mod proxy;
 pub mod server;
 pub mod telemetry;
@@ -50,6 +49,18 @@ pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, 
     mutex
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// `error: cause: cause`, as one line.
+pub(crate) fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(e) = cause {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        cause = e.source();
+    }
+    text
 }
 
 /// Builds a [`Server`] for `config` and serves on `listeners` until `shutdown` resolves.

@@ -102,7 +102,7 @@ fn main() -> ExitCode {
 }
 
 fn check(loaded: &Loaded) -> ExitCode {
-    if let Err(error) = idmatch_proxy::upstream::client(&loaded.config.upstream) {
+    if let Err(error) = idmatch_proxy::upstream::Trust::new(&loaded.config.upstream) {
         return fail(EXIT_CONFIG, error);
     }
     print!("{}", loaded.render());

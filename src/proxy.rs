@@ -39,9 +39,13 @@ use crate::error::ProxyError;
 use crate::headers;
 use crate::metrics::{CauseLabels, ErrorLabels, Metrics, ReasonLabels};
 use crate::pace::{retry_after, Pacer, Turn};
-use crate::pool::{PooledBody, SendError};
 use crate::token::TokenCache;
-use crate::upstream::UpstreamClient;
+use crate::upstream::{self, Failure, SendError};
+
+/// The upstream's client, sending the proxy's request bodies.
+pub type UpstreamClient = upstream::UpstreamClient<UpstreamBody>;
+/// An upstream response's body, returning its connection to the pool at its end.
+type PooledBody = upstream::PooledBody<UpstreamBody>;
 
 /// Upstream bodies pass through untouched (but watched for silence, see [`Watched`]); the
 /// proxy's own answers are small and whole.
@@ -353,9 +357,9 @@ impl Proxy {
             let response = match self.send(kept.request()).await {
                 Ok(Ok(response)) => response,
                 Ok(Err(error)) if error.never_written() && !resent => {
-                    let error = ProxyError::from_upstream(error);
+                    let error = ProxyError::from(Failure::of(&error));
                     // The same certificate would be presented again.
-                    if matches!(error, ProxyError::TlsCertificate(_)) {
+                    if matches!(error, ProxyError::Upstream(Failure::TlsCertificate(_))) {
                         return Err(error);
                     }
                     self.count_connect_error(&error);
@@ -364,7 +368,7 @@ impl Proxy {
                     resent = true;
                     continue;
                 }
-                Ok(Err(error)) => return Err(ProxyError::from_upstream(error)),
+                Ok(Err(error)) => return Err(ProxyError::from(Failure::of(&error))),
                 Err(_) => return Err(ProxyError::ResponseTimeout(self.response_timeout)),
             };
             self.heed(&response).await;
@@ -439,7 +443,7 @@ impl Proxy {
             Err(error) => {
                 return Err(failed
                     .try_recv()
-                    .unwrap_or_else(|_| ProxyError::from_upstream(error)));
+                    .unwrap_or_else(|_| ProxyError::from(Failure::of(&error))));
             }
         };
         if !ended.load(Ordering::Acquire) {
@@ -494,34 +498,15 @@ impl Proxy {
         let key = target.path_and_query().map_or("/", PathAndQuery::as_str);
         RECENT_TARGETS.with_borrow_mut(|recent| {
             recent.get_or_join(self.id, key, || {
-                upstream_uri(&self.scheme, &self.authority, &self.base_path, target)
+                Ok(upstream::join_uri(
+                    &self.scheme,
+                    &self.authority,
+                    &self.base_path,
+                    target,
+                )?)
             })
         })
     }
-}
-
-/// The upstream base path followed by the client's path and query, byte for byte: no decoding,
-/// no normalisation, so `%2F`, `+`, repeated and empty parameters reach CM.com as the client
-/// wrote them. Public for the property tests (`tests/properties.rs`).
-pub fn upstream_uri(
-    scheme: &Scheme,
-    authority: &Authority,
-    base_path: &str,
-    target: &Uri,
-) -> Result<Uri, ProxyError> {
-    let path_and_query = target.path_and_query().map_or("/", PathAndQuery::as_str);
-    if !path_and_query.starts_with('/') {
-        return Err(ProxyError::InvalidTarget);
-    }
-    let mut joined = String::with_capacity(base_path.len() + path_and_query.len());
-    joined.push_str(base_path);
-    joined.push_str(path_and_query);
-    Uri::builder()
-        .scheme(scheme.clone())
-        .authority(authority.clone())
-        .path_and_query(joined)
-        .build()
-        .map_err(|_| ProxyError::InvalidTarget)
 }
 
 thread_local! {

@@ -85,7 +85,8 @@ impl Server {
         config: &Config,
         clock: Arc<dyn Clock>,
     ) -> Result<Self, upstream::TlsSetupError> {
-        let (client, trust) = upstream::client(&config.upstream)?;
+        let trust = upstream::Trust::new(&config.upstream)?;
+        let client = trust.client(&config.upstream);
         let signer = Signer::new(
             &config.credentials.key_id,
             config.credentials.secret.expose(),

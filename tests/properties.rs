@@ -4,7 +4,7 @@
 //!   client sends, exactly one `Authorization` (ours) leaves, no hop-by-hop field and nothing
 //!   `Connection` names does, and everything else passes in order (`Host` too: the pool then
 //!   puts the upstream's in its place, or removes it for h2, which the end-to-end case checks);
-//! - URI joining (`proxy::upstream_uri`, behind a base path parsed by the config): the upstream's
+//! - URI joining (`upstream::join_uri`, behind a base path parsed by the config): the upstream's
 //!   scheme and authority, and `base path + path-and-query` byte for byte, whatever the target;
 //! - the config parser: any TOML-ish text and environment never panics, and every error is one
 //!   line without the secret;
@@ -33,9 +33,8 @@ use http::{HeaderMap, Request, Response, Uri, Version};
 use idmatch_mock::server::{full, Body};
 use idmatch_mock::{Server as Upstream, TestPki};
 use idmatch_proxy::config::Config;
-use idmatch_proxy::error::ProxyError;
 use idmatch_proxy::headers::{remove_hop_by_hop, rewrite_request};
-use idmatch_proxy::proxy::upstream_uri;
+use idmatch_proxy::upstream::{join_uri, InvalidTarget};
 use proptest::prelude::*;
 use proptest::test_runner::{Config as Settings, RngSeed, TestCaseError, TestRunner};
 use support::*;
@@ -424,14 +423,14 @@ fn upstream_uri_is_the_configured_origin_then_base_path_then_target_byte_for_byt
                 Form::Asterisk => "*".parse(),
             }
             .map_err(|e| TestCaseError::fail(format!("target does not parse: {e}")))?;
-            let joined = upstream_uri(
+            let joined = join_uri(
                 &upstream.scheme,
                 &upstream.authority,
                 &upstream.base_path,
                 &target,
             );
             if let Form::Asterisk = form {
-                prop_assert!(matches!(joined, Err(ProxyError::InvalidTarget)));
+                prop_assert_eq!(joined, Err(InvalidTarget));
                 return Ok(());
             }
             // `http::Uri` keeps the target as written: no decoding, no dot-segment removal.

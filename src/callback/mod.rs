@@ -175,7 +175,7 @@ impl Callbacks {
                 parts.headers.get(AUTHORIZATION).map(HeaderValue::as_bytes),
                 &body,
             )
-            .map_err(ProxyError::CallbackSignature)?;
+            .map_err(ProxyError::from)?;
         metrics.verified(signed_with.label());
         let event = event_id(&body);
         if let Some(id) = &event {
@@ -228,7 +228,7 @@ impl Callbacks {
         body: Bytes,
     ) -> Result<StatusCode, ProxyError> {
         let forward = &self.settings.forward;
-        let uri = crate::proxy::upstream_uri(
+        let uri = crate::upstream::join_uri(
             &forward.scheme,
             &forward.authority,
             &forward.base_path,
@@ -249,7 +249,7 @@ impl Callbacks {
         let timeout = self.settings.forward_timeout;
         match tokio::time::timeout(timeout, self.app.request(request)).await {
             Err(_) => Err(ProxyError::CallbackAppTimeout(timeout)),
-            Ok(Err(error)) => Err(ProxyError::CallbackApp(crate::error::chain(&error))),
+            Ok(Err(error)) => Err(ProxyError::CallbackApp(crate::chain(&error))),
             // Dropping the body closes or returns the connection; CM.com wants only the status.
             Ok(Ok(response)) => Ok(response.status()),
         }
@@ -286,7 +286,7 @@ fn status_class(status: StatusCode) -> &'static str {
 /// The label of `callbacks_refused_total{reason}` for a callback refused before the app.
 fn refusal_reason(error: &ProxyError) -> &'static str {
     match error {
-        ProxyError::CallbackSignature(signature) => signature.reason(),
+        ProxyError::CallbackSignature { reason, .. } => reason,
         ProxyError::CallbackMethod(_) => "method",
         ProxyError::BodyTooLarge { .. } => "body_too_large",
         ProxyError::RequestBodyTimeout(_) | ProxyError::RequestBody(_) => "body_incomplete",

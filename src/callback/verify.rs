@@ -16,6 +16,7 @@ use base64::Engine;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
+use crate::error::ProxyError;
 use crate::token::Clock;
 
 /// An HMAC-SHA256 digest.
@@ -41,6 +42,15 @@ impl SignatureError {
             Self::Missing => "missing_signature",
             Self::Malformed => "malformed_signature",
             Self::Mismatch => "bad_signature",
+        }
+    }
+}
+
+impl From<SignatureError> for ProxyError {
+    fn from(error: SignatureError) -> Self {
+        Self::CallbackSignature {
+            reason: error.reason(),
+            message: error.to_string(),
         }
     }
 }

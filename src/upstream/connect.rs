@@ -1,5 +1,5 @@
-//! Reaching the upstream: TLS, the egress tunnel, DNS, and the client built on them
-//! ([`crate::pool`]).
+//! Connecting to the upstream: TCP with DNS answers shared by concurrent lookups, the egress
+//! proxy's CONNECT tunnel if one is configured, then TLS, all within one deadline.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -14,132 +14,15 @@ use arc_swap::ArcSwap;
 use base64::Engine as _;
 use http::uri::{Authority, Scheme};
 use http::{HeaderValue, StatusCode, Uri};
-use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder, MaybeHttpsStream};
+use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
 use hyper_util::client::legacy::connect::dns::Name;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioIo;
-use rustls::pki_types::CertificateDer;
-use rustls::RootCertStore;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::OnceCell;
 
-use crate::config::{Roots, Upstream};
 use crate::lock;
-
-pub use crate::pool::UpstreamClient;
-
-#[derive(Debug, thiserror::Error)]
-pub enum TlsSetupError {
-    #[error(
-        "upstream.roots is native, but the system trust store has no usable certificate ({0})"
-    )]
-    NoNativeRoots(String),
-    #[error("TLS configuration: {0}")]
-    Rustls(#[from] rustls::Error),
-}
-
-/// Builds the client: rustls with the configured roots, ALPN `h2` then `http/1.1`, TCP_NODELAY,
-/// a tunnel through the egress proxy if one is configured, a bound on connecting (TCP, tunnel
-/// and TLS), and `https://` only unless plain HTTP was explicitly allowed. The [`Trust`]
-/// replaces the `upstream.ca_file` roots of the connections it makes from then on.
-pub fn client(upstream: &Upstream) -> Result<(UpstreamClient, Trust), TlsSetupError> {
-    let mut roots = RootCertStore::empty();
-    match upstream.roots {
-        Roots::Webpki => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
-        Roots::Native => {
-            let native = rustls_native_certs::load_native_certs();
-            let (added, _ignored) = roots.add_parsable_certificates(native.certs);
-            if added == 0 {
-                let errors: Vec<String> = native.errors.iter().map(ToString::to_string).collect();
-                return Err(TlsSetupError::NoNativeRoots(errors.join("; ")));
-            }
-        }
-    }
-
-    let mut http = HttpConnector::new_with_resolver(Resolver::default());
-    http.enforce_http(false);
-    http.set_nodelay(true);
-    let egress = Egress::new(http, upstream.proxy.as_ref());
-    if let Some(proxy) = &egress.proxy {
-        tracing::info!(
-            proxy = %proxy.authority,
-            proxy_authorization = proxy.authorization.is_some(),
-            "reaching the upstream through a CONNECT tunnel"
-        );
-    }
-
-    let allow_insecure_http = upstream.allow_insecure_http;
-    let https = https(&roots, &upstream.extra_roots, &egress, allow_insecure_http)?;
-    let trust = Trust {
-        https: Arc::new(ArcSwap::from_pointee(https)),
-        roots: Arc::new(roots),
-        egress,
-        allow_insecure_http,
-    };
-    let connector = Connector {
-        https: trust.https.clone(),
-        timeout: upstream.connect_timeout,
-    };
-    let client = UpstreamClient::new(
-        connector,
-        upstream.scheme.clone(),
-        upstream.authority.clone(),
-    );
-    Ok((client, trust))
-}
-
-/// The certificates new upstream connections are verified against: `upstream.roots`, loaded
-/// once, and the `upstream.ca_file` bundle, replaceable while serving
-/// ([`crate::credentials::CaReloader`]). Connections already open are not verified again.
-#[derive(Clone)]
-pub struct Trust {
-    /// Shared with the [`Connector`], which takes the current one for each connection.
-    https: Arc<ArcSwap<HttpsConnector<Egress>>>,
-    roots: Arc<RootCertStore>,
-    egress: Egress,
-    allow_insecure_http: bool,
-}
-
-impl Trust {
-    /// New connections trust `roots` plus `extra`. A fresh TLS configuration, so no session
-    /// made under the previous roots is resumed without verification.
-    pub fn replace_extra_roots(
-        &self,
-        extra: &[CertificateDer<'static>],
-    ) -> Result<(), TlsSetupError> {
-        let https = https(&self.roots, extra, &self.egress, self.allow_insecure_http)?;
-        self.https.store(Arc::new(https));
-        Ok(())
-    }
-}
-
-/// The HTTPS connector trusting `roots` plus `extra`.
-fn https(
-    roots: &RootCertStore,
-    extra: &[CertificateDer<'static>],
-    egress: &Egress,
-    allow_insecure_http: bool,
-) -> Result<HttpsConnector<Egress>, TlsSetupError> {
-    let mut roots = roots.clone();
-    // Each was checked to be a usable trust anchor when the file was read.
-    roots.add_parsable_certificates(extra.iter().cloned());
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let schemes = HttpsConnectorBuilder::new().with_tls_config(tls);
-    let schemes = if allow_insecure_http {
-        schemes.https_or_http()
-    } else {
-        schemes.https_only()
-    };
-    Ok(schemes
-        .enable_http1()
-        .enable_http2()
-        .wrap_connector(egress.clone()))
-}
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type Connecting =
@@ -154,9 +37,15 @@ pub struct ConnectTimeout(Duration);
 /// The HTTPS connector with one deadline over TCP connect, tunnel and TLS handshake together.
 #[derive(Clone, Debug)]
 pub struct Connector {
-    /// The current one, as [`Trust`] last set it.
+    /// The current one, as [`Trust`](super::Trust) last set it.
     https: Arc<ArcSwap<HttpsConnector<Egress>>>,
     timeout: Duration,
+}
+
+impl Connector {
+    pub(super) fn new(https: Arc<ArcSwap<HttpsConnector<Egress>>>, timeout: Duration) -> Self {
+        Self { https, timeout }
+    }
 }
 
 impl tower::Service<Uri> for Connector {
@@ -192,24 +81,24 @@ impl tower::Service<Uri> for Connector {
 /// that the egress path does not depend on the scheme; the proxy can then read the token, as
 /// can anyone else on that path.
 #[derive(Clone, Debug)]
-struct Egress {
+pub(super) struct Egress {
     tcp: HttpConnector<Resolver>,
-    proxy: Option<Arc<EgressProxy>>,
+    pub(super) proxy: Option<Arc<EgressProxy>>,
 }
 
 /// The egress proxy, prepared once: where to connect and what to authenticate with.
 #[derive(Debug)]
-struct EgressProxy {
+pub(super) struct EgressProxy {
     /// `http://host:port/` without userinfo: what `tcp` connects to.
     uri: Uri,
     /// The proxy's host and port, for logs and errors; never the userinfo.
-    authority: Authority,
+    pub(super) authority: Authority,
     /// `Basic` credentials from the proxy URL's userinfo (RFC 7617), marked sensitive.
-    authorization: Option<HeaderValue>,
+    pub(super) authorization: Option<HeaderValue>,
 }
 
 impl Egress {
-    fn new(tcp: HttpConnector<Resolver>, proxy: Option<&Uri>) -> Self {
+    pub(super) fn new(tcp: HttpConnector<Resolver>, proxy: Option<&Uri>) -> Self {
         let proxy = proxy.and_then(Uri::authority).map(|authority| {
             let (userinfo, host_port) = match authority.as_str().rsplit_once('@') {
                 Some((userinfo, host_port)) => (Some(userinfo), host_port),

@@ -24,9 +24,8 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::time::Instant;
 use tower::Service as _;
 
+use super::{BoxError, Connector};
 use crate::lock;
-use crate::proxy::UpstreamBody;
-use crate::upstream::{BoxError, Connector};
 
 /// Pooled connections idle longer than this are closed by us rather than risk reusing one the
 /// upstream's load balancer is closing (commonly at 60 s).
@@ -57,36 +56,50 @@ impl SendError {
     }
 }
 
-/// The client for the one upstream. Cheap to share: the proxy holds one for the process.
-pub struct UpstreamClient {
-    pool: Arc<Pool>,
+/// What the pool can send: a request body hyper's HTTP/1.1 and HTTP/2 clients both take.
+pub trait RequestBody: Body<Data = Bytes, Error: Into<BoxError>> + Send + Unpin + 'static {}
+
+impl<B: Body<Data = Bytes, Error: Into<BoxError>> + Send + Unpin + 'static> RequestBody for B {}
+
+/// The client for the one upstream, sending requests with bodies of type `B`. Cheap to share:
+/// the proxy holds one for the process.
+pub struct UpstreamClient<B> {
+    pool: Arc<Pool<B>>,
 }
 
-struct Pool {
+struct Pool<B> {
     connector: Connector,
     /// `scheme://authority/`: what the connector dials, and HTTP/2's `:scheme` and `:authority`.
     origin: Uri,
     /// HTTP/1.1's `Host`: the authority without a default port.
     host: HeaderValue,
-    connections: Mutex<Connections>,
+    connections: Mutex<Connections<B>>,
     /// Whether the task that closes idle connections runs: started with the first connection,
     /// inside the runtime.
     reaping: std::sync::Once,
 }
 
 /// The connections not in use: idle HTTP/1.1 ones, or the HTTP/2 one that all share.
-#[derive(Default)]
-struct Connections {
-    idle: Idle<http1::SendRequest<UpstreamBody>>,
-    shared: Option<http2::SendRequest<UpstreamBody>>,
+struct Connections<B> {
+    idle: Idle<http1::SendRequest<B>>,
+    shared: Option<http2::SendRequest<B>>,
 }
 
-enum Connection {
-    Http1(http1::SendRequest<UpstreamBody>),
-    Http2(http2::SendRequest<UpstreamBody>),
+impl<B> Default for Connections<B> {
+    fn default() -> Self {
+        Self {
+            idle: Idle::default(),
+            shared: None,
+        }
+    }
 }
 
-impl UpstreamClient {
+enum Connection<B> {
+    Http1(http1::SendRequest<B>),
+    Http2(http2::SendRequest<B>),
+}
+
+impl<B: RequestBody> UpstreamClient<B> {
     pub fn new(connector: Connector, scheme: Scheme, authority: http::uri::Authority) -> Self {
         let default_port = if scheme == Scheme::HTTP { 80 } else { 443 };
         let host = match authority.port_u16() {
@@ -119,8 +132,8 @@ impl UpstreamClient {
     /// async functions moves the request and the response once more.
     pub async fn request(
         &self,
-        mut request: Request<UpstreamBody>,
-    ) -> Result<Response<PooledBody>, SendError> {
+        mut request: Request<B>,
+    ) -> Result<Response<PooledBody<B>>, SendError> {
         loop {
             let (connection, pooled) = match self.pool.checkout() {
                 Some(connection) => (connection, true),
@@ -166,8 +179,8 @@ impl UpstreamClient {
     }
 }
 
-impl Pool {
-    fn checkout(&self) -> Option<Connection> {
+impl<B: RequestBody> Pool<B> {
+    fn checkout(&self) -> Option<Connection<B>> {
         let mut connections = lock(&self.connections);
         match connections.shared.as_ref().filter(|s| !s.is_closed()) {
             Some(shared) => Some(Connection::Http2(shared.clone())),
@@ -178,7 +191,7 @@ impl Pool {
     /// HTTP/1.1's request target and `Host`: origin-form, and the upstream's `Host` in place of
     /// the client's, which is first in nearly every request, so that the order of the other
     /// fields is kept.
-    fn to_origin_form(&self, request: &mut Request<UpstreamBody>) {
+    fn to_origin_form(&self, request: &mut Request<B>) {
         let target = request.uri().path_and_query().cloned();
         *request.uri_mut() = Uri::from(target.unwrap_or_else(|| PathAndQuery::from_static("/")));
         request.headers_mut().insert(HOST, self.host.clone());
@@ -186,7 +199,7 @@ impl Pool {
 
     /// HTTP/2 carries the authority in `:authority`; a `Host` beside it is refused by some
     /// servers (nginx: 400, "duplicate host header").
-    fn to_absolute_form(&self, request: &mut Request<UpstreamBody>) {
+    fn to_absolute_form(&self, request: &mut Request<B>) {
         request.headers_mut().remove(HOST);
         if request.uri().scheme().is_none() {
             // Handed back by an HTTP/1.1 connection, in origin-form.
@@ -199,7 +212,7 @@ impl Pool {
 
     /// A new connection: TCP (through the egress tunnel if any), TLS, then HTTP/2 if the
     /// upstream chose it by ALPN, else HTTP/1.1.
-    async fn connect(self: &Arc<Self>) -> Result<Connection, SendError> {
+    async fn connect(self: &Arc<Self>) -> Result<Connection<B>, SendError> {
         self.reaping.call_once(|| {
             tokio::spawn(reap(Arc::downgrade(self)));
         });
@@ -229,7 +242,7 @@ impl Pool {
         }
     }
 
-    fn give_back(&self, sender: http1::SendRequest<UpstreamBody>) {
+    fn give_back(&self, sender: http1::SendRequest<B>) {
         if !sender.is_closed() {
             lock(&self.connections).idle.put(sender, Instant::now());
         }
@@ -244,7 +257,7 @@ async fn run<F: std::future::Future<Output = hyper::Result<()>>>(connection: F) 
 }
 
 /// Closes idle connections past [`IDLE_TIMEOUT`], until the pool is gone.
-async fn reap(pool: Weak<Pool>) {
+async fn reap<B: RequestBody>(pool: Weak<Pool<B>>) {
     let mut ticks = tokio::time::interval(IDLE_TIMEOUT / 2);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -255,13 +268,13 @@ async fn reap(pool: Weak<Pool>) {
 }
 
 /// A failed exchange, with the request if it was handed back unsent.
-struct Failed {
+struct Failed<B> {
     error: hyper::Error,
-    unsent: Option<Request<UpstreamBody>>,
+    unsent: Option<Request<B>>,
 }
 
-impl Failed {
-    fn unsent(error: hyper::Error, request: Request<UpstreamBody>) -> Self {
+impl<B> Failed<B> {
+    fn unsent(error: hyper::Error, request: Request<B>) -> Self {
         Self {
             error,
             unsent: Some(request),
@@ -269,8 +282,8 @@ impl Failed {
     }
 }
 
-impl From<TrySendError<Request<UpstreamBody>>> for Failed {
-    fn from(mut error: TrySendError<Request<UpstreamBody>>) -> Self {
+impl<B> From<TrySendError<Request<B>>> for Failed<B> {
+    fn from(mut error: TrySendError<Request<B>>) -> Self {
         let unsent = error.take_message();
         Self {
             error: error.into_error(),
@@ -333,17 +346,13 @@ impl<T: Reusable> Idle<T> {
 
 /// An upstream response body. Over HTTP/1.1 it returns its connection to the pool when it ends;
 /// dropped before its end, it takes the connection with it (hyper closes it).
-pub struct PooledBody {
+pub struct PooledBody<B> {
     body: Incoming,
-    returning: Option<(Weak<Pool>, http1::SendRequest<UpstreamBody>)>,
+    returning: Option<(Weak<Pool<B>>, http1::SendRequest<B>)>,
 }
 
-impl PooledBody {
-    fn returning(
-        body: Incoming,
-        pool: Weak<Pool>,
-        sender: http1::SendRequest<UpstreamBody>,
-    ) -> Self {
+impl<B: RequestBody> PooledBody<B> {
+    fn returning(body: Incoming, pool: Weak<Pool<B>>, sender: http1::SendRequest<B>) -> Self {
         let mut body = Self {
             body,
             returning: Some((pool, sender)),
@@ -375,7 +384,7 @@ impl PooledBody {
     }
 }
 
-impl Body for PooledBody {
+impl<B: RequestBody> Body for PooledBody<B> {
     type Data = Bytes;
     type Error = hyper::Error;
 
