@@ -32,7 +32,7 @@ type Connecting =
 /// `upstream.connect_timeout`.
 #[derive(Debug, thiserror::Error)]
 #[error("connecting took longer than {0:?}")]
-pub struct ConnectTimeout(Duration);
+pub struct ConnectTimeout(pub(super) Duration);
 
 /// The HTTPS connector with one deadline over TCP connect, tunnel and TLS handshake together.
 #[derive(Clone, Debug)]
@@ -315,9 +315,9 @@ fn percent_decode(text: &str) -> Vec<u8> {
 #[derive(Clone, Debug, thiserror::Error)]
 #[error("{host}: {source}")]
 pub struct DnsError {
-    host: String,
+    pub(super) host: String,
     /// Shared: one failed lookup answers every connection that was waiting for it.
-    source: Arc<std::io::Error>,
+    pub(super) source: Arc<std::io::Error>,
 }
 
 type Addresses = Result<Vec<SocketAddr>, DnsError>;

@@ -89,3 +89,102 @@ impl Failure {
         !matches!(self, Self::Terminated(_))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::upstream::BoxError;
+
+    /// A connect error whose cause is `error`, wrapped twice in `io::Error` as rustls' are.
+    fn connect(error: impl Into<BoxError>) -> SendError {
+        let inner = io::Error::other(error.into());
+        SendError::Connect(Box::new(io::Error::other(inner)))
+    }
+
+    fn proxy() -> http::uri::Authority {
+        http::uri::Authority::from_static("proxy.internal:3128")
+    }
+
+    #[test]
+    fn each_cause_is_sorted_into_its_class() {
+        let refused = io::Error::from(io::ErrorKind::ConnectionRefused);
+        assert!(matches!(
+            Failure::of(&connect(refused)),
+            Failure::ConnectionRefused
+        ));
+        let timed_out = io::Error::from(io::ErrorKind::TimedOut);
+        assert!(matches!(
+            Failure::of(&connect(timed_out)),
+            Failure::ConnectTimeout
+        ));
+        let ours = ConnectTimeout(Duration::from_secs(1));
+        assert!(matches!(
+            Failure::of(&connect(ours)),
+            Failure::ConnectTimeout
+        ));
+        let dns = DnsError {
+            host: "api.cm.com".into(),
+            source: Arc::new(io::Error::other("no such host")),
+        };
+        let Failure::Dns(text) = Failure::of(&connect(dns)) else {
+            panic!("not a DNS failure");
+        };
+        assert_eq!(text, "api.cm.com: no such host");
+        let expired = rustls::Error::InvalidCertificate(rustls::CertificateError::Expired);
+        assert!(matches!(
+            Failure::of(&connect(expired)),
+            Failure::TlsCertificate(_)
+        ));
+        let alert = rustls::Error::AlertReceived(rustls::AlertDescription::HandshakeFailure);
+        assert!(matches!(
+            Failure::of(&connect(alert)),
+            Failure::TlsProtocol(_)
+        ));
+        let Failure::Unreachable(text) = Failure::of(&connect("no route")) else {
+            panic!("not unreachable");
+        };
+        assert_eq!(text, "connecting to the upstream: no route");
+    }
+
+    #[test]
+    fn the_egress_proxy_is_named_and_its_credentials_told_apart() {
+        let wants = EgressError::AuthenticationRequired { proxy: proxy() };
+        let Failure::EgressAuthentication(text) = Failure::of(&connect(wants)) else {
+            panic!("not an egress credentials failure");
+        };
+        assert!(text.contains("proxy.internal:3128"), "{text}");
+        let rejected = EgressError::AuthenticationRejected { proxy: proxy() };
+        assert!(matches!(
+            Failure::of(&connect(rejected)),
+            Failure::EgressAuthentication(_)
+        ));
+        let refused = EgressError::Refused {
+            proxy: proxy(),
+            target: "api.cm.com:443".into(),
+            status: http::StatusCode::FORBIDDEN,
+        };
+        let Failure::Egress(text) = Failure::of(&connect(refused)) else {
+            panic!("not an egress failure");
+        };
+        assert!(text.contains("api.cm.com:443"), "{text}");
+        // The egress proxy's own connection refusal is not the upstream's.
+        let unreachable = EgressError::Unreachable {
+            proxy: proxy(),
+            source: Box::new(io::Error::from(io::ErrorKind::ConnectionRefused)),
+        };
+        assert!(matches!(
+            Failure::of(&connect(unreachable)),
+            Failure::Egress(_)
+        ));
+    }
+
+    #[test]
+    fn only_a_failed_exchange_is_not_a_connect_failure() {
+        assert!(Failure::ConnectTimeout.is_connect());
+        assert!(Failure::Egress(String::new()).is_connect());
+        assert!(!Failure::Terminated(String::new()).is_connect());
+    }
+}
