@@ -1,83 +1,68 @@
-//! Bookkeeping around every proxied request: the in-flight limit, `X-Request-Id`, the access
-//! log line and the request metrics. The log line and the metrics are written when the
-//! response body ends (or is abandoned), so that durations and byte counts are the real ones.
+//! Accounting for every proxied request: its `X-Request-Id`, the access log line and the
+//! request metrics. The log line and the metrics are written when the response body ends (or is
+//! abandoned), so that durations and byte counts are the real ones. What the request holds while
+//! in flight (its admission, its upstream slot) is held by its [`Record`] too, and let go with it.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{self, HeaderName, HeaderValue, CONNECTION};
-use http::{Method, Request, Response, StatusCode, Version};
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use http::header::{self, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::{Body, Frame, SizeHint};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::error::{ProxyError, ProxyErrorCode};
 use crate::metrics::{ErrorLabels, Metrics};
-use crate::proxy::{Paced, Proxy, ProxyBody};
-use crate::server::Activity;
 
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// The access log's `tracing` target: `RUST_LOG=idmatch_proxy::access=off` silences it.
 const ACCESS: &str = "idmatch_proxy::access";
 
-pub struct Observer {
-    proxy: Arc<Proxy>,
+/// Told when each request on a connection has ended, however it ended: the server's connection
+/// code starts its idle clock then.
+pub trait RequestEnd: Send + Sync {
+    fn request_ended(&self);
+}
+
+/// Makes each request's [`Record`].
+pub struct Accounting {
     metrics: Arc<Metrics>,
-    in_flight: Arc<Semaphore>,
     redact_query: bool,
-    draining: Arc<AtomicBool>,
     ids: RequestIds,
 }
 
-impl Observer {
-    pub fn new(
-        proxy: Arc<Proxy>,
-        metrics: Arc<Metrics>,
-        max_in_flight: usize,
-        redact_query: bool,
-        draining: Arc<AtomicBool>,
-    ) -> Self {
+impl Accounting {
+    pub fn new(metrics: Arc<Metrics>, redact_query: bool) -> Self {
         Self {
-            proxy,
             metrics,
-            in_flight: Arc::new(Semaphore::new(max_in_flight)),
             redact_query,
-            draining,
             ids: RequestIds::new(),
         }
     }
 
-    /// Answers one request: the service of every client connection. It owns what it uses, so
-    /// that hyper can hold it as is, without another future around it to keep that alive.
-    pub async fn handle(
-        self: Arc<Self>,
-        mut request: Request<Incoming>,
-        local: SocketAddr,
-        activity: Arc<Activity>,
-    ) -> Result<Response<ObservedBody>, Infallible> {
+    /// Starts the record of `request`, whose `X-Request-Id` is the client's or, added here, a
+    /// new one. From then on, however the request ends (even by the client going away while
+    /// the proxy waits, which drops the record), it is accounted for once.
+    pub fn begin<B>(&self, request: &mut Request<B>, connection: Arc<dyn RequestEnd>) -> Record {
         let started = Instant::now();
         // One lookup for both finding the client's id and adding ours.
         let request_id = match request.headers_mut().entry(&X_REQUEST_ID) {
             header::Entry::Occupied(id) => id.get().clone(),
             header::Entry::Vacant(slot) => slot.insert(self.ids.next()).clone(),
         };
-        let version = request.version();
-        // From here on, however the request ends (even by the client going away while we
-        // wait for the upstream, which drops this future), `Finish` accounts for it once.
-        let mut finish = Finish {
+        Record {
             entry: Entry {
                 method: request.method().clone(),
                 target: LoggedTarget {
                     uri: request.uri().clone(),
                     redact_query: self.redact_query,
                 },
-                request_id: request_id.clone(),
+                request_id,
                 started,
             },
             status: None,
@@ -87,46 +72,12 @@ impl Observer {
             bytes: 0,
             complete: false,
             metrics: self.metrics.clone(),
-            permit: None,
-            activity,
-        };
-
-        // Beyond the limit, answer at once: a queue would only grow while the upstream is slow.
-        let mut response = match self.in_flight.clone().try_acquire_owned() {
-            Ok(permit) => {
-                self.metrics.in_flight.inc();
-                finish.permit = Some(permit);
-                self.proxy.handle(request, local).await
-            }
-            Err(_) => ProxyError::Overloaded.into_response().map(ProxyBody::Right),
-        };
-        let to_headers = started.elapsed();
-
-        finish.status = Some(response.status());
-        finish.paced = response.extensions().get::<Paced>().map(|paced| paced.0);
-        finish.code = response.extensions().get::<ProxyErrorCode>().map(|c| c.0);
-        match finish.code {
-            Some(code) => {
-                self.metrics
-                    .proxy_errors
-                    .get_or_create(&ErrorLabels { code })
-                    .inc();
-            }
-            None => {
-                self.metrics.upstream_ttfb.observe(to_headers.as_secs_f64());
-                finish.upstream = Some(to_headers);
-            }
+            admitted: None,
+            slot: None,
+            connection,
         }
-        let headers = response.headers_mut();
-        headers.insert(X_REQUEST_ID.clone(), request_id);
-        if version < Version::HTTP_2 && self.draining.load(Ordering::Relaxed) {
-            headers.insert(CONNECTION, HeaderValue::from_static("close"));
-        }
-        Ok(response.map(|inner| ObservedBody { inner, finish }))
     }
-}
 
-impl Observer {
     /// Accounts for a request whose head hyper could not parse, and answered itself before any
     /// service ran: 400, or 431 or 414 for a head or target over the limits. That answer is
     /// hyper's, bare: it has no hook to add `Proxy-Status` or a body. The log line names the
@@ -188,12 +139,13 @@ struct Entry {
     started: Instant,
 }
 
-/// The request's accounting, written once, when it is dropped: with the response body (after
+/// One request's accounting, written once, when it is dropped: with the response body (after
 /// its last byte, or abandoned), or earlier if the request never got a response.
-struct Finish {
+pub struct Record {
     entry: Entry,
     /// `None` if the client went away before the response.
     status: Option<StatusCode>,
+    /// The proxy's own error type, when the proxy answered.
     code: Option<&'static str>,
     /// Time to the upstream's response head, when the upstream answered.
     upstream: Option<Duration>,
@@ -203,12 +155,70 @@ struct Finish {
     /// The response body reached its end.
     complete: bool,
     metrics: Arc<Metrics>,
-    /// Held while in flight; `None` when refused for being over the limit.
-    permit: Option<OwnedSemaphorePermit>,
-    activity: Arc<Activity>,
+    /// One of `client.max_in_flight`; `None` when refused for being over the limit.
+    admitted: Option<OwnedSemaphorePermit>,
+    /// One of `upstream.max_in_flight`, let go as soon as the response body ends or fails.
+    slot: Option<OwnedSemaphorePermit>,
+    connection: Arc<dyn RequestEnd>,
 }
 
-impl Drop for Finish {
+impl Record {
+    pub fn request_id(&self) -> &HeaderValue {
+        &self.entry.request_id
+    }
+
+    /// Takes one of `in_flight`'s permits for the request's lifetime, if one is free.
+    pub fn admit(&mut self, in_flight: &Arc<Semaphore>) -> bool {
+        let Ok(permit) = in_flight.clone().try_acquire_owned() else {
+            return false;
+        };
+        self.metrics.in_flight.inc();
+        self.admitted = Some(permit);
+        true
+    }
+
+    /// Holds the request's upstream slot until its response body ends.
+    pub fn hold(&mut self, slot: OwnedSemaphorePermit) {
+        self.slot = Some(slot);
+    }
+
+    pub fn paced(&mut self, waited: Duration) {
+        self.paced = Some(waited);
+    }
+
+    /// The response goes out: its status, and `code` if the proxy made it itself (else the time
+    /// to the upstream's head is recorded); its body carries the record to its end.
+    pub fn respond<B: Body>(
+        mut self,
+        mut response: Response<B>,
+        code: Option<&'static str>,
+    ) -> Response<AccountedBody<B>> {
+        self.status = Some(response.status());
+        self.code = code;
+        match code {
+            Some(code) => {
+                self.metrics
+                    .proxy_errors
+                    .get_or_create(&ErrorLabels { code })
+                    .inc();
+            }
+            None => {
+                let to_headers = self.entry.started.elapsed();
+                self.metrics.upstream_ttfb.observe(to_headers.as_secs_f64());
+                self.upstream = Some(to_headers);
+            }
+        }
+        response
+            .headers_mut()
+            .insert(X_REQUEST_ID.clone(), self.entry.request_id.clone());
+        response.map(|inner| AccountedBody {
+            inner,
+            record: self,
+        })
+    }
+}
+
+impl Drop for Record {
     fn drop(&mut self) {
         let duration = self.entry.started.elapsed();
         let metrics = &self.metrics;
@@ -216,10 +226,10 @@ impl Drop for Finish {
             metrics.count_request(&self.entry.method, status);
             metrics.request_duration.observe(duration.as_secs_f64());
         }
-        if self.permit.take().is_some() {
+        if self.admitted.take().is_some() {
             metrics.in_flight.dec();
         }
-        self.activity.request_finished();
+        self.connection.request_ended();
         tracing::info!(
             target: ACCESS,
             method = %self.entry.method,
@@ -245,14 +255,17 @@ fn millis(duration: Duration) -> f64 {
 }
 
 /// The response body, counted; dropping it writes the request's log line and metrics.
-pub struct ObservedBody {
-    inner: ProxyBody,
-    finish: Finish,
+pub struct AccountedBody<B: Body> {
+    inner: B,
+    record: Record,
 }
 
-impl Body for ObservedBody {
+impl<B> Body for AccountedBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
     type Data = Bytes;
-    type Error = Box<dyn std::error::Error + Send + Sync>;
+    type Error = B::Error;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
@@ -262,11 +275,15 @@ impl Body for ObservedBody {
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
-                    self.finish.bytes += data.len() as u64;
+                    self.record.bytes += data.len() as u64;
                 }
             }
-            Poll::Ready(None) => self.finish.complete = true,
-            Poll::Ready(Some(Err(_))) | Poll::Pending => {}
+            Poll::Ready(None) => {
+                self.record.complete = true;
+                self.record.slot = None;
+            }
+            Poll::Ready(Some(Err(_))) => self.record.slot = None,
+            Poll::Pending => {}
         }
         polled
     }
@@ -280,11 +297,11 @@ impl Body for ObservedBody {
     }
 }
 
-impl Drop for ObservedBody {
+impl<B: Body> Drop for AccountedBody<B> {
     fn drop(&mut self) {
         // hyper may drop a body it saw `is_end_stream` on without polling it to the end: that
         // is still a complete response.
-        self.finish.complete |= self.inner.is_end_stream();
+        self.record.complete |= self.inner.is_end_stream();
     }
 }
 

@@ -32,7 +32,7 @@ use crate::callback::Callbacks;
 use crate::config::{ClientLimits, Config, Credentials};
 use crate::credentials::{CaReloader, Reloader};
 use crate::metrics::Metrics;
-use crate::observe::Observer;
+use crate::observe::RequestEnd;
 use crate::proxy::Proxy;
 use crate::token::{Clock, Signer, SystemClock, TokenCache};
 use crate::upstream;
@@ -71,7 +71,6 @@ pub struct Server {
     /// When `callback.listen` is set.
     callbacks: Option<Arc<Callbacks>>,
     limits: ClientLimits,
-    redact_query: bool,
     drain_delay: Duration,
     shutdown_timeout: Duration,
 }
@@ -101,7 +100,14 @@ impl Server {
                 Callbacks::new(settings, secret, clock.clone(), metrics.clone()).map(Arc::new)
             })
             .transpose()?;
-        let proxy = Arc::new(Proxy::new(config, client, tokens.clone(), metrics.clone()));
+        let draining = Arc::new(AtomicBool::new(false));
+        let proxy = Arc::new(Proxy::new(
+            config,
+            client,
+            tokens.clone(),
+            metrics.clone(),
+            draining.clone(),
+        ));
         let ca_reloader = CaReloader::new(
             &config.upstream,
             config.credentials.reload_interval,
@@ -114,11 +120,10 @@ impl Server {
             proxy,
             tokens,
             metrics,
-            draining: Arc::new(AtomicBool::new(false)),
+            draining,
             quit: Arc::new(Notify::new()),
             credentials: config.credentials.clone(),
             limits: config.client.clone(),
-            redact_query: config.log.redact_query,
             drain_delay: config.drain_delay,
             shutdown_timeout: config.shutdown_timeout,
         })
@@ -166,13 +171,6 @@ impl Server {
                 pacer: self.proxy.pacer().cloned(),
             },
         ));
-        let observer = Arc::new(Observer::new(
-            self.proxy.clone(),
-            self.metrics.clone(),
-            self.limits.max_in_flight,
-            self.redact_query,
-            self.draining.clone(),
-        ));
         let http = self.http_builder();
         let phases = Arc::new(Phases::new());
         let mut connections = JoinSet::new();
@@ -197,15 +195,15 @@ impl Server {
                     let activity = Arc::new(Activity::new());
                     let requests = activity.clone();
                     let service = service_fn({
-                        let observer = observer.clone();
+                        let proxy = self.proxy.clone();
                         move |request: http::Request<hyper::body::Incoming>| {
                             requests.request_started(request.version());
-                            observer.clone().handle(request, local, requests.clone())
+                            proxy.clone().serve(request, local, requests.clone())
                         }
                     });
-                    let io = TokioIo::new(Tracked { inner: stream, activity: activity.clone() });
+                    let io = TokioIo::new(ClientSocket { inner: stream, activity: activity.clone() });
                     let connection = http.serve_connection(io, service).into_owned();
-                    connections.spawn(drive(connection, activity, self.limits.clone(), phases.clone(), peer, observer.clone()));
+                    connections.spawn(drive(connection, activity, self.limits.clone(), phases.clone(), peer, self.proxy.clone()));
                     false
                 }
                 // Still awaited after a quit started the drain: the caller's second-signal exit
@@ -292,7 +290,7 @@ async fn drive<C>(
     limits: ClientLimits,
     phases: Arc<Phases>,
     peer: std::net::SocketAddr,
-    observer: Arc<Observer>,
+    proxy: Arc<Proxy>,
 ) where
     C: GracefulConnection<Error = Box<dyn std::error::Error + Send + Sync>>,
 {
@@ -312,7 +310,7 @@ async fn drive<C>(
                 match error.downcast_ref::<hyper::Error>() {
                     // hyper has answered it: a request that never reached the service.
                     Some(parse) if parse.is_parse() && !parse.is_parse_version_h2() => {
-                        observer.unparsed(peer, parse);
+                        proxy.accounting().unparsed(peer, parse);
                     }
                     _ => tracing::debug!(%peer, %error, "connection ended with an error"),
                 }
@@ -474,18 +472,6 @@ impl Activity {
         self.head_started.store(0, Ordering::SeqCst);
     }
 
-    /// Called when a response has been sent in full, or abandoned.
-    pub fn request_finished(&self) {
-        if self.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
-            self.idle_since.store(self.now(), Ordering::SeqCst);
-            // An HTTP/1 request finishes within its connection's poll, after which `drive`
-            // looks at the deadline anyway; waking it as well would cost a poll for nothing.
-            if self.is_h2.load(Ordering::Relaxed) {
-                self.signal.raise();
-            }
-        }
-    }
-
     /// Bytes arrived: on an idle HTTP/1 connection they begin the next request head.
     fn bytes_read(&self) {
         if self.in_flight.load(Ordering::SeqCst) == 0
@@ -521,13 +507,27 @@ impl Activity {
     }
 }
 
+impl RequestEnd for Activity {
+    /// Called when a response has been sent in full, or abandoned.
+    fn request_ended(&self) {
+        if self.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.idle_since.store(self.now(), Ordering::SeqCst);
+            // An HTTP/1 request finishes within its connection's poll, after which `drive`
+            // looks at the deadline anyway; waking it as well would cost a poll for nothing.
+            if self.is_h2.load(Ordering::Relaxed) {
+                self.signal.raise();
+            }
+        }
+    }
+}
+
 /// The client's socket, telling its [`Activity`] when bytes arrive.
-struct Tracked {
+struct ClientSocket {
     inner: TcpStream,
     activity: Arc<Activity>,
 }
 
-impl tokio::io::AsyncRead for Tracked {
+impl tokio::io::AsyncRead for ClientSocket {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -542,7 +542,7 @@ impl tokio::io::AsyncRead for Tracked {
     }
 }
 
-impl tokio::io::AsyncWrite for Tracked {
+impl tokio::io::AsyncWrite for ClientSocket {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
