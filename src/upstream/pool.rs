@@ -9,6 +9,7 @@
 
 use std::future::poll_fn;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -74,6 +75,13 @@ struct Pool<B> {
     /// HTTP/1.1's `Host`: the authority without a default port.
     host: HeaderValue,
     connections: Mutex<Connections<B>>,
+    /// Held while a connection is made, unless the upstream is known to speak HTTP/1.1: one
+    /// HTTP/2 connection serves every request, so a cold burst waits for one handshake rather
+    /// than each request making a connection of its own, all but one then dropped.
+    connecting: tokio::sync::Mutex<()>,
+    /// The upstream chose HTTP/1.1 by ALPN: each exchange needs a connection of its own, so
+    /// connections are made side by side.
+    speaks_http1: AtomicBool,
     /// Whether the task that closes idle connections runs: started with the first connection,
     /// inside the runtime.
     reaping: std::sync::Once,
@@ -119,6 +127,8 @@ impl<B: RequestBody> UpstreamClient<B> {
                 origin,
                 host,
                 connections: Mutex::default(),
+                connecting: tokio::sync::Mutex::new(()),
+                speaks_http1: AtomicBool::new(false),
                 reaping: std::sync::Once::new(),
             }),
         }
@@ -139,7 +149,7 @@ impl<B: RequestBody> UpstreamClient<B> {
                 Some(connection) => (connection, true),
                 // Boxed: the TLS and HTTP/2 handshakes make this future several KiB, which every
                 // request's future would otherwise carry (and move) while it is rarely needed.
-                None => (Box::pin(self.pool.connect()).await?, false),
+                None => Box::pin(self.pool.checkout_or_connect()).await?,
             };
             let failed = match connection {
                 Connection::Http1(mut sender) => match sender.ready().await {
@@ -210,6 +220,29 @@ impl<B: RequestBody> Pool<B> {
         }
     }
 
+    /// A new connection, unless another request's handshake is under way: then, once it is
+    /// over, the connection it made if it can be shared. If that handshake failed, each waiter
+    /// makes its own, side by side as before, so that a failing upstream costs a waiter at most
+    /// two connect timeouts. The flag says whether the connection is shared.
+    async fn checkout_or_connect(self: &Arc<Self>) -> Result<(Connection<B>, bool), SendError> {
+        if self.speaks_http1.load(Ordering::Relaxed) {
+            return Ok((self.connect().await?, false));
+        }
+        let connecting = match self.connecting.try_lock() {
+            Ok(connecting) => Some(connecting),
+            Err(_) => {
+                drop(self.connecting.lock().await);
+                if let Some(connection) = self.checkout() {
+                    return Ok((connection, true));
+                }
+                None
+            }
+        };
+        let connection = self.connect().await?;
+        drop(connecting);
+        Ok((connection, false))
+    }
+
     /// A new connection: TCP (through the egress tunnel if any), TLS, then HTTP/2 if the
     /// upstream chose it by ALPN, else HTTP/1.1.
     async fn connect(self: &Arc<Self>) -> Result<Connection<B>, SendError> {
@@ -234,6 +267,7 @@ impl<B: RequestBody> Pool<B> {
             lock(&self.connections).shared = Some(sender.clone());
             Ok(Connection::Http2(sender))
         } else {
+            self.speaks_http1.store(true, Ordering::Relaxed);
             let (sender, connection) = http1::handshake(io)
                 .await
                 .map_err(|error| SendError::Connect(error.into()))?;
