@@ -29,7 +29,7 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
 /// original order.
 ///
 /// The client's `Host` stays for now: the pool replaces it in place with the upstream's for
-/// HTTP/1.1 and removes it for HTTP/2, which carries `:authority` instead ([`crate::pool`]).
+/// HTTP/1.1 and removes it for HTTP/2, which carries `:authority` instead ([`crate::upstream::pool`]).
 pub fn rewrite_request(headers: &mut HeaderMap, authorization: HeaderValue) {
     strip(headers, true);
     // `insert` replaces every value the client sent, in the first one's place.

@@ -1,22 +1,23 @@
 //! idmatch-proxy: a sidecar that lets any application call CM.com's Mobile Identity API
 //! without knowing its authentication.
 //!
-//! # Layout
-//! - [`config`]: typed settings from defaults, a TOML file and `IDMATCH_*` variables.
-//! - [`token`]: the hand-rolled HS256 signer and the shared, self-refreshing token.
-//! - [`proxy`]: per-request rewriting and forwarding; bodies stream, never buffer.
-//! - [`pace`]: the rate limiter: each request waits for its credential's send slot, kept
-//!   locally or shared by the replicas through Redis.
-//! - [`headers`]: hop-by-hop and credential hygiene.
-//! - [`upstream`]: TLS, the egress tunnel and DNS towards the upstream; [`pool`]: its
-//!   connections.
-//! - [`error`]: what fails, and the one place that renders it as a JSON 4xx/502/503/504.
-//! - [`server`]: listeners, connection timeouts, drain and shutdown.
-//! - [`observe`]: per-request id, in-flight limit, access log and metrics.
-//! - [`callback`]: the optional listener for CM.com's signed callbacks: verify, dedup, hand to
-//!   the app.
-//! - [`admin`]: `/livez`, `/readyz`, `/metrics`, and `/quitquitquit` (loopback) on their own listener.
-//! - [`metrics`]: the Prometheus registry; [`telemetry`]: logging.
+//! # The map
+//! A request's stages, in the order [`proxy::Proxy::serve`] runs them, and who owns each:
+//! - admit (`client.max_in_flight`), id and account: [`observe`] (access log, metrics);
+//! - refuse (method, authority, codings, size): `proxy::refuse`;
+//! - target, then the body, kept for a replay or streamed: `proxy::targets`, `proxy::body`;
+//! - pace (the credential's send slot, local or through Redis): [`pace`];
+//! - upstream slot and token: [`proxy`], the token from [`token`] (signer, shared cache);
+//! - exchange and its replay rules: `proxy::exchange`, over [`upstream`] (TLS and its
+//!   [`upstream::Trust`], egress tunnel, DNS, the pool, and the classes of its failures);
+//! - response hygiene: [`headers`] (hop-by-hop and credentials), then [`error`], the one
+//!   place a failure becomes a JSON 4xx/502/503/504 with `Proxy-Status`.
+//!
+//! Around it: [`server`] (listeners, each connection's timeouts, drain and shutdown),
+//! [`callback`] (CM.com's signed callbacks: verify, dedup, hand to the app), [`credentials`]
+//! (secrets and CA files re-read while serving), [`admin`] (`/livez`, `/readyz`, `/metrics`,
+//! `/quitquitquit`), [`config`], [`metrics`] and [`telemetry`]. Modules depend downwards
+//! only: `tests/architecture.rs` fails on an import cycle.
 //!
 //! [`run`] serves on listeners the caller bound, until `shutdown` resolves.
 

@@ -6,8 +6,8 @@
 //! `rate_limit.max_wait` away is not reserved: the request gets a 429 at once.
 //!
 //! Where the slots are kept:
-//! - alone, in this process ([`local`]);
-//! - with `rate_limit.redis_url`, in the store every replica shares ([`redis`]); while the
+//! - alone, in this process (`local`);
+//! - with `rate_limit.redis_url`, in the store every replica shares (`redis`); while the
 //!   store fails, in this process at `interval × rate_limit.replicas`, so that the replicas
 //!   together still keep the limit; a probe returns to the store once it answers again.
 //!

@@ -1,5 +1,5 @@
 //! Reaching the upstream, and everything that can go wrong there: TLS and its trust
-//! ([`Trust`]), the egress tunnel and DNS ([`connect`]), the pooled connections ([`pool`]) and
+//! ([`Trust`]), the egress tunnel and DNS (`connect`), the pooled connections ([`pool`]) and
 //! the classes its failures fall into ([`failure`]). Generic over the request body: nothing
 //! here knows the proxy's.
 
