@@ -1,15 +1,22 @@
 //! Files named by the settings: credentials and CA bundles, each read bounded.
 
-use super::*;
+use std::fs;
+use std::io::Read;
+use std::path::Path;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
+
+use super::Secret;
 
 /// Far above any HMAC key; smaller than any file mistaken for one.
 pub(super) const MAX_SECRET_FILE: u64 = 64 * 1024;
 /// Far above a full public CA bundle (about 250 KiB).
-pub(super) const MAX_CA_FILE: u64 = 16 * 1024 * 1024;
+const MAX_CA_FILE: u64 = 16 * 1024 * 1024;
 
 /// Reads at most `limit` bytes: a path set to the wrong file (`/dev/zero`, a disk image) fails
 /// instead of exhausting memory.
-pub(super) fn read_bounded(file: &Path, limit: u64) -> Result<Vec<u8>, String> {
+fn read_bounded(file: &Path, limit: u64) -> Result<Vec<u8>, String> {
     let cannot_read = |e: std::io::Error| format!("cannot read {}: {e}", file.display());
     let mut bytes = Vec::new();
     fs::File::open(file)

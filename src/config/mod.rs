@@ -1,14 +1,16 @@
 //! Configuration: one optional TOML file, environment variables overriding it key by key, and
 //! defaults for everything but the credentials.
 //!
-//! Every setting is described once in [`Key`]'s table (file key, environment variable, default);
-//! both layers are read through it. Loading runs in three steps, so that everything but the last
-//! one is pure and tested with strings and maps:
+//! Every setting is one row of the table in `keys.rs` (file key, environment variable, default,
+//! parser, how `check` shows it); both layers, the effective configuration and the warnings
+//! about unknown variables are read through it. Loading runs in three steps, so that everything
+//! but the last one is pure and tested with strings and maps:
 //!
-//! 1. [`Layers`] collects the raw text of each key with its [`Origin`] (default < file < env);
-//! 2. each key is parsed into its type, then cross-key rules are checked;
-//! 3. the secret and CA files the settings name are read; a relative path from the file is
-//!    taken from the file's directory.
+//! 1. [`Layers`] (`layers.rs`) collects the raw text of each key with its [`Origin`]
+//!    (default < file < env);
+//! 2. `build.rs` parses each key into its type, then checks the rules between keys;
+//! 3. it reads the secret and CA files the settings name (`files.rs`); a relative path from the
+//!    file is taken from the file's directory.
 //!
 //! Every failure is one [`ConfigError`] naming the key as the operator wrote it (the environment
 //! variable or the file key and file), and what was expected. The secret never appears in an
@@ -18,17 +20,15 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::fs;
-use std::io::Read;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use http::uri::{Authority, Scheme};
 use http::Uri;
-use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
-use toml::de::{DeTable, DeValue};
 
+mod build;
 mod files;
 mod keys;
 mod layers;
@@ -476,7 +476,7 @@ impl fmt::Display for UnknownVariable {
 
 /// The variables in `env` that look like ours (`IDMATCH_`, in any case) but are not, sorted.
 pub fn unknown_variables(env: &HashMap<String, String>) -> Vec<UnknownVariable> {
-    let known = || Key::ALL.into_iter().map(Key::env).chain(OTHER_ENV);
+    let known = || Key::ALL.iter().map(|key| key.env).chain(OTHER_ENV);
     let mut unknown = env
         .keys()
         .filter(|name| {

@@ -1,7 +1,94 @@
-//! Parsers: the text of one key into its type.
+//! Parsers: the text of one key into its type, each paired with what it expects as a
+//! [`Parser`] that the key table's rows name.
 
-use super::keys::*;
-use super::*;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use http::uri::{Authority, Scheme};
+use http::Uri;
+
+use super::keys::RATE_LIMIT_REDIS_PASSWORD_FILE;
+use super::{ForwardUrl, LogFormat, Roots, Secret};
+
+/// How a key's text becomes its value, and what the file must hold for it.
+pub(super) struct Parser<T> {
+    pub toml: Toml,
+    pub parse: fn(&str) -> Result<T, String>,
+}
+
+/// What the key must be in the TOML file.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Toml {
+    /// A quoted string, described as the text says.
+    Str(&'static str),
+    Bool,
+    /// Not accepted in the file at all.
+    Forbidden,
+}
+
+/// A key written as a quoted string in the file.
+const fn quoted<T>(expects: &'static str, parse: fn(&str) -> Result<T, String>) -> Parser<T> {
+    Parser {
+        toml: Toml::Str(expects),
+        parse,
+    }
+}
+
+/// Scheme, authority and base path.
+pub(super) type BaseUrl = (Scheme, Authority, String);
+/// The URL as written, and the connection it names.
+pub(super) type RedisUrl = (String, redis::ConnectionInfo);
+
+pub(super) const SOCKET_ADDR: Parser<SocketAddr> = quoted(ADDR, socket_addr);
+pub(super) const BASE_URL: Parser<BaseUrl> = quoted(URL, url);
+pub(super) const APP_URL: Parser<ForwardUrl> = quoted(FORWARD_URL, forward_url);
+pub(super) const FILE_PATH: Parser<PathBuf> = quoted(PATH, path);
+pub(super) const ROOT_STORE: Parser<Roots> = quoted(ROOTS, roots);
+pub(super) const BOOL: Parser<bool> = Parser {
+    toml: Toml::Bool,
+    parse: boolean,
+};
+pub(super) const NON_EMPTY: Parser<String> = quoted(TEXT, non_empty);
+pub(super) const INLINE_SECRET: Parser<Secret> = Parser {
+    toml: Toml::Forbidden,
+    parse: |text| non_empty(text).map(|text| Secret::new(text.into_bytes())),
+};
+pub(super) const BYTES: Parser<usize> = quoted(SIZE, size);
+/// A body length, counted in `u64` as hyper does.
+pub(super) const BODY_BYTES: Parser<u64> = quoted(SIZE, |text| size(text).map(|n| n as u64));
+pub(super) const HEADER_BYTES: Parser<usize> = quoted(SIZE, |text| match size(text)? {
+    // hyper's smallest read buffer; the limit is enforced through it.
+    n if n < 8192 => Err(format!("must be at least 8KiB, got {text:?}")),
+    n => Ok(n),
+});
+pub(super) const POSITIVE: Parser<usize> = quoted(COUNT, count);
+pub(super) const REPLICAS: Parser<u32> = quoted(COUNT, |text| {
+    u32::try_from(count(text)?).map_err(|_| format!("must be at most {}", u32::MAX))
+});
+pub(super) const THREAD_COUNT: Parser<Option<usize>> = quoted(THREADS, threads);
+pub(super) const FORMAT: Parser<LogFormat> = quoted(LOG_FORMATS, log_format);
+pub(super) const HTTP_PROXY: Parser<Uri> = quoted(PROXY, proxy_url);
+/// Read as a whole by [`no_proxy_matches`].
+pub(super) const HOST_LIST: Parser<String> = quoted(NO_PROXY, |text| Ok(text.to_owned()));
+pub(super) const REDIS_STORE: Parser<RedisUrl> = quoted(REDIS_URL, redis_url);
+
+// Durations. A timeout, an interval or a lifetime must be greater than zero.
+pub(super) const DURATION_OR_ZERO: Parser<Duration> =
+    quoted(DURATION, |text| duration(text, DURATION, Millis));
+pub(super) const POSITIVE_DURATION: Parser<Duration> = quoted(DURATION, |text| {
+    duration(text, DURATION, Millis).and_then(positive)
+});
+pub(super) const LIFETIME_SECONDS: Parser<Duration> = quoted(SECONDS, |text| {
+    duration(text, SECONDS, Seconds).and_then(positive)
+});
+pub(super) const REFRESH_SECONDS: Parser<Duration> = quoted(REFRESH_BEFORE, |text| {
+    duration(text, REFRESH_BEFORE, Seconds)
+});
+pub(super) const BACKDATE_SECONDS: Parser<Duration> =
+    quoted(BACKDATE, |text| duration(text, BACKDATE, Seconds));
+pub(super) const MARGIN_DURATION: Parser<Duration> =
+    quoted(MARGIN, |text| duration(text, MARGIN, Millis));
 
 // What each kind of value must be: in errors, and in the file, the expected TOML type.
 pub(super) const ADDR: &str = "a socket address like 127.0.0.1:8080 or [::]:8080";
@@ -23,7 +110,7 @@ pub(super) const TEXT: &str = "a non-empty string";
 pub(super) const SIZE: &str = "a size in bytes like 65536, 64KiB or 1MiB";
 pub(super) const COUNT: &str = "a positive integer";
 pub(super) const THREADS: &str = "auto or a positive integer";
-pub(super) const LOG_FORMAT: &str = "auto, json or pretty";
+pub(super) const LOG_FORMATS: &str = "auto, json or pretty";
 pub(super) const PROXY: &str = "an http:// proxy URL like http://proxy.internal:3128";
 pub(super) const REDIS_URL: &str = "a redis:// or rediss:// URL like redis://valkey.internal:6379";
 pub(super) const NO_PROXY: &str =
@@ -33,13 +120,13 @@ pub(super) fn expected(what: &str, text: &str) -> String {
     format!("expected {what}, got {text:?}")
 }
 
-pub(super) fn socket_addr(text: &str) -> Result<SocketAddr, String> {
+fn socket_addr(text: &str) -> Result<SocketAddr, String> {
     text.parse().map_err(|_| expected(ADDR, text))
 }
 
 /// Scheme, authority and base path of the upstream. Whether `http` is allowed depends on
 /// another key, so it is checked by the caller.
-pub(super) fn url(text: &str) -> Result<(Scheme, Authority, String), String> {
+fn url(text: &str) -> Result<BaseUrl, String> {
     // `http::Uri` silently drops a fragment.
     if text.contains('#') {
         return Err("must not have a fragment (#...)".into());
@@ -73,14 +160,26 @@ pub(super) fn url(text: &str) -> Result<(Scheme, Authority, String), String> {
     Ok((scheme.clone(), authority.clone(), base_path))
 }
 
-pub(super) fn path(text: &str) -> Result<PathBuf, String> {
+/// The app's base URL, for the callbacks.
+fn forward_url(text: &str) -> Result<ForwardUrl, String> {
+    match url(text) {
+        Ok((scheme, authority, base_path)) => Ok(ForwardUrl {
+            scheme,
+            authority,
+            base_path,
+        }),
+        Err(problem) => Err(problem.replace("an https URL", "an http(s) URL")),
+    }
+}
+
+fn path(text: &str) -> Result<PathBuf, String> {
     match text {
         "" => Err(expected(PATH, text)),
         _ => Ok(PathBuf::from(text)),
     }
 }
 
-pub(super) fn roots(text: &str) -> Result<Roots, String> {
+fn roots(text: &str) -> Result<Roots, String> {
     match text {
         "webpki" => Ok(Roots::Webpki),
         "native" => Ok(Roots::Native),
@@ -88,7 +187,7 @@ pub(super) fn roots(text: &str) -> Result<Roots, String> {
     }
 }
 
-pub(super) fn boolean(text: &str) -> Result<bool, String> {
+fn boolean(text: &str) -> Result<bool, String> {
     match text {
         "true" | "1" => Ok(true),
         "false" | "0" => Ok(false),
@@ -96,7 +195,7 @@ pub(super) fn boolean(text: &str) -> Result<bool, String> {
     }
 }
 
-pub(super) fn non_empty(text: &str) -> Result<String, String> {
+fn non_empty(text: &str) -> Result<String, String> {
     match text {
         "" => Err(format!("expected {TEXT}, got \"\"")),
         _ => Ok(text.to_owned()),
@@ -105,10 +204,28 @@ pub(super) fn non_empty(text: &str) -> Result<String, String> {
 
 /// The smallest step a duration key can take.
 #[derive(Clone, Copy, PartialEq, Eq)]
-pub(super) enum Resolution {
+enum Resolution {
     Millis,
     /// JWT times (RFC 7519 NumericDate) are whole seconds.
     Seconds,
+}
+
+use Resolution::{Millis, Seconds};
+
+/// A duration key's value; one refused for its form is answered with the key's own
+/// description, `expects`.
+fn duration(text: &str, expects: &str, resolution: Resolution) -> Result<Duration, String> {
+    match parse_duration(text) {
+        Some(d) if resolution == Millis || d.subsec_nanos() == 0 => Ok(d),
+        _ => Err(expected(expects, text)),
+    }
+}
+
+fn positive(d: Duration) -> Result<Duration, String> {
+    match d.is_zero() {
+        true => Err("must be greater than zero".into()),
+        false => Ok(d),
+    }
 }
 
 /// `<integer><unit>`, unit one of `ms`, `s`, `m`, `h`.
@@ -126,7 +243,7 @@ pub(super) fn parse_duration(text: &str) -> Option<Duration> {
 }
 
 /// Bytes: a plain integer, or one with a `KiB` or `MiB` suffix.
-pub(super) fn size(text: &str) -> Result<usize, String> {
+fn size(text: &str) -> Result<usize, String> {
     let (number, multiplier) = if let Some(n) = text.strip_suffix("KiB") {
         (n, 1024)
     } else if let Some(n) = text.strip_suffix("MiB") {
@@ -141,32 +258,32 @@ pub(super) fn size(text: &str) -> Result<usize, String> {
         .ok_or_else(|| expected(SIZE, text))
 }
 
-pub(super) fn count(text: &str) -> Result<usize, String> {
+fn count(text: &str) -> Result<usize, String> {
     match text.parse::<usize>() {
         Ok(n) if n > 0 => Ok(n),
         _ => Err(expected(COUNT, text)),
     }
 }
 
-pub(super) fn threads(text: &str) -> Result<Option<usize>, String> {
+fn threads(text: &str) -> Result<Option<usize>, String> {
     match text {
         "auto" => Ok(None),
         _ => count(text).map(Some).map_err(|_| expected(THREADS, text)),
     }
 }
 
-pub(super) fn log_format(text: &str) -> Result<LogFormat, String> {
+fn log_format(text: &str) -> Result<LogFormat, String> {
     match text {
         "auto" => Ok(LogFormat::Auto),
         "json" => Ok(LogFormat::Json),
         "pretty" => Ok(LogFormat::Pretty),
-        _ => Err(expected(LOG_FORMAT, text)),
+        _ => Err(expected(LOG_FORMATS, text)),
     }
 }
 
 /// An `http://host:port` proxy, optionally with `user:password@` for `Proxy-Authorization`.
 /// Never echoed: it may hold a password.
-pub(super) fn proxy_url(text: &str) -> Result<Uri, String> {
+fn proxy_url(text: &str) -> Result<Uri, String> {
     let uri = text
         .parse::<Uri>()
         .map_err(|_| format!("expected {PROXY}"))?;
@@ -186,7 +303,7 @@ pub(super) fn proxy_url(text: &str) -> Result<Uri, String> {
 
 /// A `redis://` or `rediss://` URL without a password (that comes from a file), and the
 /// connection it names. Never echoed: a mistyped password would be.
-pub(super) fn redis_url(text: &str) -> Result<(String, redis::ConnectionInfo), String> {
+fn redis_url(text: &str) -> Result<(String, redis::ConnectionInfo), String> {
     let uri = text
         .parse::<Uri>()
         .map_err(|_| format!("expected {REDIS_URL}"))?;
@@ -201,7 +318,7 @@ pub(super) fn redis_url(text: &str) -> Result<(String, redis::ConnectionInfo), S
     {
         return Err(format!(
             "must not contain a password: set {} instead",
-            Key::RateLimitRedisPasswordFile.name()
+            RATE_LIMIT_REDIS_PASSWORD_FILE.name
         ));
     }
     // `redis` reads a fragment as options (`#insecure` turns off certificate checks).
@@ -241,10 +358,51 @@ pub(super) fn no_proxy_matches(list: &str, host: &str) -> bool {
     })
 }
 
-/// The inverse of [`duration`]: `60s`, `1500ms`.
+/// The inverse of [`parse_duration`]: `60s`, `1500ms`.
 pub(super) fn show_duration(d: Duration) -> String {
     match d.subsec_nanos() {
         0 => format!("{}s", d.as_secs()),
         _ => format!("{}ms", d.as_millis()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn secs(n: u64) -> Duration {
+        Duration::from_secs(n)
+    }
+
+    #[test]
+    fn duration_syntax() {
+        let ok = [
+            ("0s", Duration::ZERO),
+            ("500ms", Duration::from_millis(500)),
+            ("60s", secs(60)),
+            ("2m", secs(120)),
+            ("1h", secs(3600)),
+        ];
+        for (text, expected) in ok {
+            assert_eq!(parse_duration(text), Some(expected), "{text}");
+        }
+        for text in [
+            "",
+            "60",
+            "s",
+            "1.5s",
+            "-1s",
+            " 1s",
+            "1 s",
+            "1S",
+            "1d",
+            "1sec",
+            "99999999999999999999s",
+        ] {
+            assert_eq!(parse_duration(text), None, "{text}");
+        }
+        assert_eq!(parse_duration(&format!("{}h", u64::MAX / 60)), None);
+        assert_eq!(show_duration(secs(60)), "60s");
+        assert_eq!(show_duration(Duration::from_millis(1500)), "1500ms");
     }
 }
