@@ -91,11 +91,11 @@ pub(super) const MARGIN_DURATION: Parser<Duration> =
     quoted(MARGIN, |text| duration(text, MARGIN, Millis));
 
 // What each kind of value must be: in errors, and in the file, the expected TOML type.
-pub(super) const ADDR: &str = "a socket address like 127.0.0.1:8080 or [::]:8080";
-pub(super) const URL: &str = "an absolute URL like https://api.cm.com/mobile-identity/v1";
-pub(super) const FORWARD_URL: &str = "an http(s) base URL like http://127.0.0.1:3000/callbacks";
-pub(super) const PATH: &str = "a file path";
-pub(super) const ROOTS: &str = "webpki or native";
+const ADDR: &str = "a socket address like 127.0.0.1:8080 or [::]:8080";
+const URL: &str = "an absolute URL like https://api.cm.com/mobile-identity/v1";
+const FORWARD_URL: &str = "an http(s) base URL like http://127.0.0.1:3000/callbacks";
+const PATH: &str = "a file path";
+const ROOTS: &str = "webpki or native";
 // A duration key's description is also what a malformed value is answered with, so its
 // examples are values that key accepts with the other keys at their defaults.
 pub(super) const DURATION: &str = "a duration like 60s, 500ms or 2m";
@@ -106,15 +106,14 @@ pub(super) const REFRESH_BEFORE: &str =
 pub(super) const BACKDATE: &str =
     "whole seconds like 5s or 0s (JWT times have one-second resolution)";
 pub(super) const MARGIN: &str = "a duration like 5s or 500ms";
-pub(super) const TEXT: &str = "a non-empty string";
-pub(super) const SIZE: &str = "a size in bytes like 65536, 64KiB or 1MiB";
-pub(super) const COUNT: &str = "a positive integer";
-pub(super) const THREADS: &str = "auto or a positive integer";
-pub(super) const LOG_FORMATS: &str = "auto, json or pretty";
-pub(super) const PROXY: &str = "an http:// proxy URL like http://proxy.internal:3128";
-pub(super) const REDIS_URL: &str = "a redis:// or rediss:// URL like redis://valkey.internal:6379";
-pub(super) const NO_PROXY: &str =
-    "a comma-separated list of host names, domain suffixes, IP addresses or *";
+const TEXT: &str = "a non-empty string";
+const SIZE: &str = "a size in bytes like 65536, 64KiB or 1MiB";
+const COUNT: &str = "a positive integer";
+const THREADS: &str = "auto or a positive integer";
+const LOG_FORMATS: &str = "auto, json or pretty";
+const PROXY: &str = "an http:// proxy URL like http://proxy.internal:3128";
+const REDIS_URL: &str = "a redis:// or rediss:// URL like redis://valkey.internal:6379";
+const NO_PROXY: &str = "a comma-separated list of host names, domain suffixes, IP addresses or *";
 
 pub(super) fn expected(what: &str, text: &str) -> String {
     format!("expected {what}, got {text:?}")
@@ -229,7 +228,7 @@ fn positive(d: Duration) -> Result<Duration, String> {
 }
 
 /// `<integer><unit>`, unit one of `ms`, `s`, `m`, `h`.
-pub(super) fn parse_duration(text: &str) -> Option<Duration> {
+fn parse_duration(text: &str) -> Option<Duration> {
     let digits = text.bytes().take_while(u8::is_ascii_digit).count();
     let (number, unit) = text.split_at(digits);
     let number = number.parse::<u64>().ok()?;
