@@ -33,7 +33,9 @@ done
 
 mkdir -p "$tree"
 find "$tree" -mindepth 1 -maxdepth 1 ! -name target -exec rm -rf {} +
-git ls-files -z --cached --others --exclude-standard | tar -c --null -T - | tar -x -C "$tree"
+# Copied files get the time of the copy (-m): a mutant interrupted by a kill may have left a
+# newer build behind, which cargo, judging by times, would otherwise keep.
+git ls-files -z --cached --others --exclude-standard | tar -c --null -T - | tar -x -m -C "$tree"
 
 # No debug info: a mutant's build is then mostly the link, seconds each.
 export CARGO_PROFILE_DEV_DEBUG=false
@@ -47,6 +49,12 @@ mutate() {
         shift
     done
     shift
+    # The test targets go to every cargo invocation, the build included: otherwise each
+    # mutant's build would link all twenty test binaries.
+    local targets=()
+    for arg in "$@"; do
+        targets+=("--cargo-arg=$arg")
+    done
     mkdir -p "$root/mutants.out/$group"
     nice -n 10 cargo mutants \
         --dir "$tree" \
@@ -55,8 +63,8 @@ mutate() {
         --output "$root/mutants.out/$group" \
         --timeout "${MUTANTS_TIMEOUT:-120}" \
         "${select[@]}" \
-        "${extra[@]}" \
-        -- "$@"
+        "${targets[@]}" \
+        "${extra[@]}"
 }
 
 extra=("$@")
