@@ -311,6 +311,102 @@ async fn a_cold_burst_to_an_http1_upstream_opens_a_connection_per_request() {
     assert_eq!(cold_burst(&[b"http/1.1"]).await, 16);
 }
 
+/// A TCP relay to `target` that passes bytes both ways until frozen; frozen, it keeps every
+/// connection open and passes nothing, as a peer that died without closing would.
+struct FreezingRelay {
+    addr: std::net::SocketAddr,
+    frozen: tokio::sync::watch::Sender<bool>,
+    accepted: Arc<AtomicUsize>,
+    /// Connections the proxy closed.
+    closed: Arc<AtomicUsize>,
+}
+
+impl FreezingRelay {
+    async fn start(target: std::net::SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (frozen, _) = tokio::sync::watch::channel(false);
+        let (accepted, closed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let relay = Self {
+            addr,
+            frozen: frozen.clone(),
+            accepted: accepted.clone(),
+            closed: closed.clone(),
+        };
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                accepted.fetch_add(1, Ordering::SeqCst);
+                let upstream = TcpStream::connect(target).await.unwrap();
+                let (client_read, client_write) = client.into_split();
+                let (upstream_read, upstream_write) = upstream.into_split();
+                let closed = closed.clone();
+                let to_upstream = Self::pass(client_read, upstream_write, frozen.subscribe());
+                tokio::spawn(async move {
+                    to_upstream.await;
+                    closed.fetch_add(1, Ordering::SeqCst);
+                });
+                tokio::spawn(Self::pass(upstream_read, client_write, frozen.subscribe()));
+            }
+        });
+        relay
+    }
+
+    /// Copies `from` to `to` until `from` ends; what arrives while frozen is dropped.
+    async fn pass(
+        mut from: tokio::net::tcp::OwnedReadHalf,
+        mut to: tokio::net::tcp::OwnedWriteHalf,
+        frozen: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let mut buf = vec![0; 16 * 1024];
+        while let Ok(n @ 1..) = from.read(&mut buf).await {
+            if !*frozen.borrow() && to.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    fn freeze(&self, frozen: bool) {
+        self.frozen.send_replace(frozen);
+    }
+}
+
+#[tokio::test]
+async fn an_unanswered_http2_ping_closes_the_connection_before_a_request_needs_it() {
+    let pki = TestPki::localhost();
+    let upstream = Upstream::builder()
+        .tls(&pki)
+        .handler(|_: Request<hyper::body::Incoming>| async { json(StatusCode::OK, json!({})) })
+        .start()
+        .await;
+    let relay = FreezingRelay::start(upstream.addr()).await;
+    let config = ProxyConfig::new(&format!("https://{}{BASE}", relay.addr), &pki)
+        .set("IDMATCH_UPSTREAM_PING_INTERVAL", "100ms")
+        .set("IDMATCH_UPSTREAM_PING_TIMEOUT", "200ms");
+    let proxy = Proxy::start(&config).await;
+    let client = http1();
+    assert_eq!(
+        send(&client, get(&proxy.url("/a"))).await.status,
+        StatusCode::OK
+    );
+
+    // The upstream falls silent: its PING answers never come, and the proxy lets the
+    // connection go on its own, with no request waiting on it.
+    relay.freeze(true);
+    eventually(
+        Duration::from_secs(5),
+        "the silent connection closed",
+        || std::future::ready(relay.closed.load(Ordering::SeqCst) == 1),
+    )
+    .await;
+    relay.freeze(false);
+    assert_eq!(
+        send(&client, get(&proxy.url("/b"))).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(relay.accepted.load(Ordering::SeqCst), 2);
+    assert_eq!(upstream.request_count(), 2);
+}
+
 /// A response body of `bytes` bytes, one every 100 ms: never silent for long enough to time out,
 /// and held open all that time.
 fn trickle(bytes: usize) -> idmatch_mock::server::Body {

@@ -118,6 +118,9 @@ impl Layers {
                 proxy,
                 replay_buffer_bytes,
                 max_in_flight,
+                idle_timeout: self.value(&UPSTREAM_IDLE_TIMEOUT)?,
+                ping_interval: self.value(&UPSTREAM_PING_INTERVAL)?,
+                ping_timeout: self.value(&UPSTREAM_PING_TIMEOUT)?,
             },
             credentials: Credentials {
                 key_id,

@@ -129,6 +129,12 @@ table! {
         |c| Some(c.upstream.replay_buffer_bytes.to_string()));
     UPSTREAM_MAX_IN_FLIGHT: usize = row("upstream.max_in_flight", "IDMATCH_UPSTREAM_MAX_IN_FLIGHT", Some("64"), POSITIVE,
         |c| Some(c.upstream.max_in_flight.to_string()));
+    UPSTREAM_IDLE_TIMEOUT: Duration = row("upstream.idle_timeout", "IDMATCH_UPSTREAM_IDLE_TIMEOUT", Some("30s"), POSITIVE_DURATION,
+        |c| Some(show_duration(c.upstream.idle_timeout)));
+    UPSTREAM_PING_INTERVAL: Duration = row("upstream.ping_interval", "IDMATCH_UPSTREAM_PING_INTERVAL", Some("0s"), DURATION_OR_ZERO,
+        |c| Some(show_duration(c.upstream.ping_interval)));
+    UPSTREAM_PING_TIMEOUT: Duration = row("upstream.ping_timeout", "IDMATCH_UPSTREAM_PING_TIMEOUT", Some("20s"), POSITIVE_DURATION,
+        |c| Some(show_duration(c.upstream.ping_timeout)));
     CREDENTIALS_KEY_ID: String = row("credentials.key_id", "IDMATCH_KEY_ID", None, NON_EMPTY,
         |c| Some(c.credentials.key_id.clone()));
     CREDENTIALS_KEY_ID_FILE: PathBuf = row("credentials.key_id_file", "IDMATCH_KEY_ID_FILE", None, FILE_PATH,

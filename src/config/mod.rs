@@ -202,6 +202,13 @@ pub struct Upstream {
     /// Requests sent to the upstream at once; more wait for one to finish. Each HTTP/1.1
     /// request in flight holds a TLS connection, and CM.com allows one request per second.
     pub max_in_flight: usize,
+    /// Pooled HTTP/1.1 connections idle longer are closed by us, rather than risk reusing one
+    /// the upstream's load balancer is closing.
+    pub idle_timeout: Duration,
+    /// HTTP/2 PING this often, idle or not (zero: never), and the connection closed when one
+    /// is not answered within `ping_timeout`.
+    pub ping_interval: Duration,
+    pub ping_timeout: Duration,
 }
 
 impl Upstream {

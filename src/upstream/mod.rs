@@ -91,11 +91,7 @@ impl Trust {
     /// made, and connecting (TCP, tunnel and TLS) bounded by `upstream.connect_timeout`.
     pub fn client<B: RequestBody>(&self, upstream: &Upstream) -> UpstreamClient<B> {
         let connector = Connector::new(self.https.clone(), upstream.connect_timeout);
-        UpstreamClient::new(
-            connector,
-            upstream.scheme.clone(),
-            upstream.authority.clone(),
-        )
+        UpstreamClient::new(connector, upstream)
     }
 
     /// New connections trust `roots` plus `extra`. A fresh TLS configuration, so no session

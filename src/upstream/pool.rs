@@ -26,11 +26,8 @@ use tokio::time::Instant;
 use tower::Service as _;
 
 use super::{BoxError, Connector};
+use crate::config::Upstream;
 use crate::lock;
-
-/// Pooled connections idle longer than this are closed by us rather than risk reusing one the
-/// upstream's load balancer is closing (commonly at 60 s).
-const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Why an exchange with the upstream failed.
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +72,10 @@ struct Pool<B> {
     /// HTTP/1.1's `Host`: the authority without a default port.
     host: HeaderValue,
     connections: Mutex<Connections<B>>,
+    /// `upstream.idle_timeout`.
+    idle_timeout: Duration,
+    /// `upstream.ping_interval` and `_timeout`; `None` for no PINGs.
+    keep_alive: Option<(Duration, Duration)>,
     /// Held while a connection is made, unless the upstream is known to speak HTTP/1.1: one
     /// HTTP/2 connection serves every request, so a cold burst waits for one handshake rather
     /// than each request making a connection of its own, all but one then dropped.
@@ -108,7 +109,8 @@ enum Connection<B> {
 }
 
 impl<B: RequestBody> UpstreamClient<B> {
-    pub fn new(connector: Connector, scheme: Scheme, authority: http::uri::Authority) -> Self {
+    pub fn new(connector: Connector, upstream: &Upstream) -> Self {
+        let (scheme, authority) = (upstream.scheme.clone(), upstream.authority.clone());
         let default_port = if scheme == Scheme::HTTP { 80 } else { 443 };
         let host = match authority.port_u16() {
             Some(port) if port != default_port => authority.as_str(),
@@ -127,6 +129,9 @@ impl<B: RequestBody> UpstreamClient<B> {
                 origin,
                 host,
                 connections: Mutex::default(),
+                idle_timeout: upstream.idle_timeout,
+                keep_alive: (!upstream.ping_interval.is_zero())
+                    .then_some((upstream.ping_interval, upstream.ping_timeout)),
                 connecting: tokio::sync::Mutex::new(()),
                 speaks_http1: AtomicBool::new(false),
                 reaping: std::sync::Once::new(),
@@ -194,7 +199,9 @@ impl<B: RequestBody> Pool<B> {
         let mut connections = lock(&self.connections);
         match connections.shared.as_ref().filter(|s| !s.is_closed()) {
             Some(shared) => Some(Connection::Http2(shared.clone())),
-            None => connections.idle.take(Instant::now()).map(Connection::Http1),
+            None => (connections.idle)
+                .take(Instant::now(), self.idle_timeout)
+                .map(Connection::Http1),
         }
     }
 
@@ -247,7 +254,7 @@ impl<B: RequestBody> Pool<B> {
     /// upstream chose it by ALPN, else HTTP/1.1.
     async fn connect(self: &Arc<Self>) -> Result<Connection<B>, SendError> {
         self.reaping.call_once(|| {
-            tokio::spawn(reap(Arc::downgrade(self)));
+            tokio::spawn(reap(Arc::downgrade(self), self.idle_timeout));
         });
         let mut connector = self.connector.clone();
         poll_fn(|cx| connector.poll_ready(cx))
@@ -258,8 +265,17 @@ impl<B: RequestBody> Pool<B> {
             .await
             .map_err(SendError::Connect)?;
         if io.connected().is_negotiated_h2() {
-            let (sender, connection) = http2::Builder::new(TokioExecutor::new())
-                .timer(TokioTimer::new())
+            let mut http2 = http2::Builder::new(TokioExecutor::new());
+            http2.timer(TokioTimer::new());
+            if let Some((interval, timeout)) = self.keep_alive {
+                // Idle too: traffic is sparse, and a dead connection is best found between
+                // requests, not by one.
+                http2
+                    .keep_alive_interval(interval)
+                    .keep_alive_timeout(timeout)
+                    .keep_alive_while_idle(true);
+            }
+            let (sender, connection) = http2
                 .handshake(io)
                 .await
                 .map_err(|error| SendError::Connect(error.into()))?;
@@ -290,14 +306,16 @@ async fn run<F: std::future::Future<Output = hyper::Result<()>>>(connection: F) 
     }
 }
 
-/// Closes idle connections past [`IDLE_TIMEOUT`], until the pool is gone.
-async fn reap<B: RequestBody>(pool: Weak<Pool<B>>) {
-    let mut ticks = tokio::time::interval(IDLE_TIMEOUT / 2);
+/// Closes connections idle past `upstream.idle_timeout`, until the pool is gone.
+async fn reap<B: RequestBody>(pool: Weak<Pool<B>>, idle_timeout: Duration) {
+    let mut ticks = tokio::time::interval(idle_timeout / 2);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticks.tick().await;
         let Some(pool) = pool.upgrade() else { return };
-        lock(&pool.connections).idle.expire(Instant::now());
+        lock(&pool.connections)
+            .idle
+            .expire(Instant::now(), idle_timeout);
     }
 }
 
@@ -356,10 +374,10 @@ impl<T: Reusable> Idle<T> {
         self.entries.push((connection, now));
     }
 
-    /// The newest connection that is neither closed nor expired; the expired go.
-    fn take(&mut self, now: Instant) -> Option<T> {
+    /// The newest connection that is neither closed nor idle past `timeout`; the expired go.
+    fn take(&mut self, now: Instant, timeout: Duration) -> Option<T> {
         while let Some((connection, since)) = self.entries.pop() {
-            if now.saturating_duration_since(since) > IDLE_TIMEOUT {
+            if now.saturating_duration_since(since) > timeout {
                 // The rest are older still.
                 self.entries.clear();
                 return None;
@@ -371,9 +389,9 @@ impl<T: Reusable> Idle<T> {
         None
     }
 
-    fn expire(&mut self, now: Instant) {
+    fn expire(&mut self, now: Instant, timeout: Duration) {
         self.entries.retain(|(connection, since)| {
-            now.saturating_duration_since(*since) <= IDLE_TIMEOUT && !connection.is_closed()
+            now.saturating_duration_since(*since) <= timeout && !connection.is_closed()
         });
     }
 }
@@ -448,6 +466,9 @@ impl<B: RequestBody> Body for PooledBody<B> {
 mod tests {
     use super::*;
 
+    /// `upstream.idle_timeout`'s default.
+    const TIMEOUT: Duration = Duration::from_secs(30);
+
     /// A connection that is open or closed, and says which one it is.
     #[derive(Debug, PartialEq)]
     struct Fake {
@@ -483,24 +504,28 @@ mod tests {
         let start = Instant::now();
         let mut idle = idle_list(start, [(open(1), 0), (open(2), 1), (closed(3), 2)]);
         let now = start + Duration::from_secs(3);
-        assert_eq!(idle.take(now), Some(open(2)), "the closed one is skipped");
-        assert_eq!(idle.take(now), Some(open(1)));
-        assert_eq!(idle.take(now), None);
+        assert_eq!(
+            idle.take(now, TIMEOUT),
+            Some(open(2)),
+            "the closed one is skipped"
+        );
+        assert_eq!(idle.take(now, TIMEOUT), Some(open(1)));
+        assert_eq!(idle.take(now, TIMEOUT), None);
     }
 
     #[test]
     fn connections_idle_past_the_timeout_are_never_reused() {
-        let start = Instant::now();
-        let mut idle = idle_list(start, [(open(1), 0), (open(2), 10)]);
-        // Exactly the timeout is still fine; a moment past it is not.
-        assert_eq!(
-            idle.take(start + IDLE_TIMEOUT + Duration::from_secs(10)),
-            Some(open(2))
-        );
-        idle.put(open(2), start + Duration::from_secs(10));
-        let later = start + IDLE_TIMEOUT + Duration::from_millis(10_001);
-        assert_eq!(idle.take(later), None);
-        assert!(idle.entries.is_empty(), "the older one went too");
+        for timeout in [TIMEOUT, Duration::from_secs(2)] {
+            let start = Instant::now();
+            let mut idle = idle_list(start, [(open(1), 0), (open(2), 10)]);
+            // Exactly the timeout is still fine; a moment past it is not.
+            let at_the_timeout = start + timeout + Duration::from_secs(10);
+            assert_eq!(idle.take(at_the_timeout, timeout), Some(open(2)));
+            idle.put(open(2), start + Duration::from_secs(10));
+            let later = start + timeout + Duration::from_millis(10_001);
+            assert_eq!(idle.take(later, timeout), None, "{timeout:?}");
+            assert!(idle.entries.is_empty(), "the older one went too");
+        }
     }
 
     #[test]
@@ -510,8 +535,12 @@ mod tests {
             start,
             [(open(1), 0), (closed(2), 20), (open(3), 25), (open(4), 26)],
         );
-        idle.expire(start + IDLE_TIMEOUT + Duration::from_secs(1));
+        idle.expire(start + TIMEOUT + Duration::from_secs(1), TIMEOUT);
         let left: Vec<u8> = idle.entries.iter().map(|(c, _)| c.id).collect();
         assert_eq!(left, [3, 4]);
+        // A shorter timeout: only the newest is young enough.
+        idle.expire(start + Duration::from_secs(28), Duration::from_secs(2));
+        let left: Vec<u8> = idle.entries.iter().map(|(c, _)| c.id).collect();
+        assert_eq!(left, [4]);
     }
 }
