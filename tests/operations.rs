@@ -64,7 +64,7 @@ async fn livez_and_readyz_answer_without_calling_the_upstream() {
         send(&client, get(&admin_url(&proxy, "/nope"))).await.status,
         StatusCode::NOT_FOUND
     );
-    assert_eq!(upstream.connections_accepted(), 0);
+    assert_eq!(upstream.request_count(), 0);
     // The proxy port does not serve the admin endpoints: those paths go upstream like any other.
     send(&client, get(&proxy.url("/readyz"))).await;
     assert_eq!(upstream.requests()[0].target, format!("{BASE}/readyz"));
@@ -266,6 +266,37 @@ async fn upstream_max_in_flight_queues_the_rest_and_keeps_the_limit_full() {
     assert_eq!(most.load(Ordering::SeqCst), 2);
     // One HTTP/2 connection carries them all.
     assert_eq!(upstream.connections_accepted(), 1);
+}
+
+#[tokio::test]
+async fn the_first_request_finds_a_connection_made_at_start() {
+    for alpn in [
+        &[b"h2".as_slice(), b"http/1.1".as_slice()][..],
+        &[b"http/1.1".as_slice()][..],
+    ] {
+        let pki = TestPki::localhost();
+        let upstream = Upstream::builder()
+            .tls(&pki)
+            .alpn(alpn)
+            .handler(|_: Request<hyper::body::Incoming>| async { json(StatusCode::OK, json!({})) })
+            .start()
+            .await;
+        let proxy = Proxy::start(&ProxyConfig::new(&upstream.url(BASE), &pki)).await;
+        // Made in the background, with no request yet.
+        eventually(Duration::from_secs(5), "a connection made at start", || {
+            std::future::ready(upstream.connections_accepted() == 1)
+        })
+        .await;
+        let client = http1();
+        for path in ["/first", "/second"] {
+            assert_eq!(
+                send(&client, get(&proxy.url(path))).await.status,
+                StatusCode::OK
+            );
+        }
+        assert_eq!(upstream.connections_accepted(), 1, "{alpn:?}");
+        assert_eq!(upstream.request_count(), 2);
+    }
 }
 
 /// A burst of requests that all reach the upstream before any is answered, through a proxy

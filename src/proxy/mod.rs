@@ -79,6 +79,7 @@ pub struct Proxy {
     pacer: Option<Arc<Pacer>>,
     /// Set when the drain starts: HTTP/1 responses then close their connections.
     draining: Arc<AtomicBool>,
+    connect_ahead: bool,
 }
 
 /// A request body after the body stage: read whole, or left to stream.
@@ -120,12 +121,21 @@ impl Proxy {
             max_in_flight: upstream.max_in_flight,
             pacer,
             draining,
+            connect_ahead: upstream.connect_ahead,
         }
     }
 
     /// The rate limiter, if on (for its metrics).
     pub fn pacer(&self) -> Option<&Arc<Pacer>> {
         self.pacer.as_ref()
+    }
+
+    /// Connects to the upstream ahead of the first request, in the background, if
+    /// `upstream.connect_ahead`.
+    pub fn connect_ahead(&self) {
+        if self.connect_ahead {
+            self.client.connect_ahead();
+        }
     }
 
     /// For requests hyper answered itself, before any service ran.

@@ -139,6 +139,25 @@ impl<B: RequestBody> UpstreamClient<B> {
         }
     }
 
+    /// Connects in the background, ahead of the first request, so that its handshake is not on
+    /// that request's path (traffic is sparse: the first request may be the only one for a
+    /// while). Readiness does not wait for it; if it fails, the first request connects as
+    /// usual, and says why.
+    pub fn connect_ahead(&self) {
+        let pool = self.pool.clone();
+        tokio::spawn(async move {
+            match pool.checkout_or_connect().await {
+                Ok((Connection::Http1(sender), _)) => pool.give_back(sender),
+                // Shared from its handshake on.
+                Ok((Connection::Http2(_), _)) => {}
+                Err(error) => {
+                    let error = crate::chain(&error);
+                    tracing::warn!(%error, "cannot connect to the upstream ahead of requests");
+                }
+            }
+        });
+    }
+
     /// One exchange: on a pooled connection if one is free, else on a new one. A request that
     /// a pooled connection hands back unsent (it was closing) goes on to the next, or to a new
     /// connection; one that a new connection hands back is the caller's to retry.
