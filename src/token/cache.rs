@@ -466,6 +466,48 @@ mod tests {
         Duration::from_secs(claims_of(value).exp).saturating_sub(now)
     }
 
+    #[test]
+    fn the_refresh_is_due_before_exp_or_at_once_when_the_clock_went_back() {
+        let clock = ManualClock::at(T0);
+        let cache = cache(clock.clone());
+        let claims = cache.claims();
+        let due_at = Duration::from_secs(claims.exp) - settings().refresh_before;
+        assert_eq!(cache.refresh_due_in(), due_at - Duration::from_secs(T0));
+        // At `nbf` itself the token is usable: the refresh waits for its time.
+        let nbf = Duration::from_secs(claims.nbf);
+        clock.set(nbf);
+        assert_eq!(cache.refresh_due_in(), due_at - nbf);
+        clock.set(nbf - Duration::from_millis(1));
+        assert_eq!(cache.refresh_due_in(), Duration::ZERO);
+        clock.set(due_at);
+        assert_eq!(cache.refresh_due_in(), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_token_reminted_in_the_refused_ones_second_is_a_second_older() {
+        let cache = cache(ManualClock::at(T0));
+        let refused = cache.authorization();
+        let replay = cache.reject(&refused);
+        let (before, after) = (claims_of(&refused), claims_of(&replay));
+        assert_eq!(
+            (after.iat, after.nbf, after.exp),
+            (before.iat - 1, before.nbf - 1, before.exp - 1)
+        );
+    }
+
+    #[test]
+    fn refused_credentials_are_warned_of_once_until_they_recover() {
+        let cache = cache(ManualClock::at(T0));
+        let captured = crate::telemetry::Captured::default();
+        tracing::subscriber::with_default(captured.subscriber(), || {
+            cache.refuse_credentials();
+            cache.refuse_credentials();
+            cache.accepted();
+            cache.refuse_credentials();
+        });
+        assert_eq!(captured.text().matches("check the credentials").count(), 2);
+    }
+
     /// The coarse clock is the wall clock, a tick behind at most.
     #[test]
     fn refused_credentials_last_until_new_ones_or_an_accepted_request() {
