@@ -230,6 +230,21 @@ async fn beyond_max_in_flight_requests_get_an_immediate_503() {
     assert_eq!(upstream.request_count(), 3);
 }
 
+/// Sends `requests` GETs at once over HTTP/1.1 and checks that every one
+/// was answered 200.
+async fn all_answered_ok(proxy: &Proxy, requests: usize) {
+    let client = http1();
+    let sent: Vec<_> = (0..requests)
+        .map(|i| {
+            let (client, url) = (client.clone(), proxy.url(&format!("/r{i}")));
+            tokio::spawn(async move { send(&client, get(&url)).await.status })
+        })
+        .collect();
+    for request in sent {
+        assert_eq!(request.await.unwrap(), StatusCode::OK);
+    }
+}
+
 #[tokio::test]
 async fn upstream_max_in_flight_queues_the_rest_and_keeps_the_limit_full() {
     let pki = TestPki::localhost();
@@ -251,16 +266,7 @@ async fn upstream_max_in_flight_queues_the_rest_and_keeps_the_limit_full() {
     let config =
         ProxyConfig::new(&upstream.url(BASE), &pki).set("IDMATCH_UPSTREAM_MAX_IN_FLIGHT", "2");
     let proxy = Proxy::start(&config).await;
-    let client = http1();
-    let requests: Vec<_> = (0..10)
-        .map(|i| {
-            let (client, url) = (client.clone(), proxy.url(&format!("/r{i}")));
-            tokio::spawn(async move { send(&client, get(&url)).await.status })
-        })
-        .collect();
-    for request in requests {
-        assert_eq!(request.await.unwrap(), StatusCode::OK);
-    }
+    all_answered_ok(&proxy, 10).await;
     assert_eq!(upstream.request_count(), 10);
     // Never more than the limit, and the limit used: ten 50 ms requests, two at a time.
     assert_eq!(most.load(Ordering::SeqCst), 2);
@@ -318,16 +324,7 @@ async fn cold_burst(alpn: &[&[u8]]) -> usize {
         .start()
         .await;
     let proxy = Proxy::start(&ProxyConfig::new(&upstream.url(BASE), &pki)).await;
-    let client = http1();
-    let requests: Vec<_> = (0..BURST)
-        .map(|i| {
-            let (client, url) = (client.clone(), proxy.url(&format!("/r{i}")));
-            tokio::spawn(async move { send(&client, get(&url)).await.status })
-        })
-        .collect();
-    for request in requests {
-        assert_eq!(request.await.unwrap(), StatusCode::OK);
-    }
+    all_answered_ok(&proxy, BURST).await;
     assert_eq!(upstream.request_count(), BURST);
     upstream.connections_accepted()
 }
