@@ -496,6 +496,19 @@ mod tests {
     }
 
     #[test]
+    fn debug_output_shows_the_claims_and_never_the_token() {
+        let cache = cache(ManualClock::at(T0));
+        let shown = format!("{cache:?}");
+        assert_eq!(
+            shown,
+            format!("TokenCache {{ claims: {:?}, .. }}", cache.claims())
+        );
+        let authorization = cache.authorization();
+        let token = authorization.to_str().unwrap().strip_prefix("Bearer ");
+        assert!(!shown.contains(token.unwrap()));
+    }
+
+    #[test]
     fn refused_credentials_are_warned_of_once_until_they_recover() {
         let cache = cache(ManualClock::at(T0));
         let captured = crate::telemetry::Captured::default();
