@@ -159,6 +159,51 @@ async fn a_kept_body_that_arrives_in_pieces_is_sent_whole_both_times() {
     }
 }
 
+/// How many connections an HTTP/1.1 upstream accepted for one request whose first token it
+/// refused with a 401 whose body came in `chunks` (chunked framing: each chunk a frame of its
+/// own on the proxy's side, however the bytes arrive).
+async fn connections_for_a_replay_after_a_401_in(chunks: &'static [usize]) -> usize {
+    let pki = TestPki::localhost();
+    let first = Arc::new(OnceLock::<String>::new());
+    let upstream = Upstream::builder()
+        .tls(&pki)
+        .alpn(&[b"http/1.1"])
+        .handler(move |request: Request<Incoming>| {
+            let first = first.clone();
+            async move {
+                let authorization = request.headers()["authorization"].to_str().unwrap();
+                if *first.get_or_init(|| authorization.to_owned()) != authorization {
+                    return json(StatusCode::OK, json!({"ok": true}));
+                }
+                let (tx, rx) = mpsc::channel(chunks.len());
+                for &size in chunks {
+                    tx.send(Bytes::from(vec![b' '; size])).await.unwrap();
+                }
+                let mut refused = http::Response::new(channel_body(rx));
+                *refused.status_mut() = StatusCode::UNAUTHORIZED;
+                refused
+            }
+        })
+        .start()
+        .await;
+    let proxy = Proxy::start(&ProxyConfig::new(&upstream.url(BASE), &pki)).await;
+    let answer = send(&http1(), post_json(&proxy.url("/sim-swap"), json!({}))).await;
+    assert_eq!(answer.status, StatusCode::OK, "{:?}", answer.body);
+    assert_eq!(upstream.request_count(), 2);
+    upstream.connections_accepted()
+}
+
+#[tokio::test]
+async fn a_refused_401_body_up_to_64_kib_is_read_so_that_the_replay_reuses_its_connection() {
+    assert_eq!(
+        connections_for_a_replay_after_a_401_in(&[2048, 2048]).await,
+        1
+    );
+    // Past 64 KiB before its end, the body is not worth reading: the connection goes with it.
+    let long = &[40 * 1024, 40 * 1024, 1024];
+    assert_eq!(connections_for_a_replay_after_a_401_in(long).await, 2);
+}
+
 #[tokio::test]
 async fn concurrent_401s_for_one_token_mint_once() {
     const REQUESTS: usize = 8;
