@@ -205,6 +205,28 @@ async fn a_refused_401_body_up_to_64_kib_is_read_so_that_the_replay_reuses_its_c
 }
 
 #[tokio::test]
+async fn without_the_rate_limiter_an_upstream_429_goes_to_the_client_as_is() {
+    let pki = TestPki::localhost();
+    let upstream = Upstream::builder()
+        .tls(&pki)
+        .handler(|_: Request<Incoming>| async {
+            json(StatusCode::TOO_MANY_REQUESTS, json!({"error": "slow down"}))
+        })
+        .start()
+        .await;
+    // The harness turns the limiter off (`rate_limit.interval = 0s`): no slot to replay in.
+    let proxy = Proxy::start(&ProxyConfig::new(&upstream.url(BASE), &pki)).await;
+    let client = http1();
+    let sent = send(&client, post_json(&proxy.url("/sim-swap"), json!({})));
+    let answer = tokio::time::timeout(Duration::from_secs(10), sent)
+        .await
+        .expect("answered, not replayed without end");
+    assert_eq!(answer.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(answer.json()["error"], "slow down");
+    assert_eq!(upstream.request_count(), 1);
+}
+
+#[tokio::test]
 async fn concurrent_401s_for_one_token_mint_once() {
     const REQUESTS: usize = 8;
     let pki = TestPki::localhost();
