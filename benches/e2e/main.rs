@@ -19,6 +19,7 @@ mod floor;
 mod hops;
 mod load;
 mod procs;
+mod sparse;
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -61,7 +62,7 @@ struct Settings {
     targets: Vec<Kind>,
     /// `BENCH_RATES`: fixed rates instead of 5/25/50 % of idmatch-proxy's maximum.
     rates: Option<Vec<u64>>,
-    /// `BENCH_SKIP`: phases to leave out: start, max, rounds, hops, latency, upload.
+    /// `BENCH_SKIP`: phases to leave out: start, max, rounds, hops, latency, upload, sparse.
     skip: Vec<String>,
     /// `BENCH_ROUNDS`: interleaved repeats of the maximum for idmatch-proxy, the peer and
     /// static nginx, whose median ratios do not hang on one run's luck.
@@ -125,6 +126,9 @@ struct Bench {
     upstream_addr: SocketAddr,
     /// The same stub, offering `h2` then `http/1.1` in ALPN.
     upstream_h2_addr: SocketAddr,
+    /// Another server of the stub, offering h2 and http/1.1, that closes connections idle for
+    /// 3 s (the `sparse` phase).
+    upstream_short_addr: SocketAddr,
     status_addr: SocketAddr,
     upstream: Proc,
     /// A token minted by `idmatch-proxy token`: the direct client's and the static nginx's.
@@ -286,6 +290,9 @@ fn main() {
     if bench.settings.runs("upload") {
         bench.upload();
     }
+    if bench.settings.runs("sparse") {
+        bench.sparse();
+    }
     let _ = writeln!(
         bench.report,
         "\nWhole run: {:.0} s; load average at the end {}.",
@@ -399,7 +406,7 @@ impl Bench {
         );
         procs::write(&run.join("secret"), SECRET);
 
-        let (tls, tls_h2, status) = (procs::free_port(), procs::free_port(), procs::free_port());
+        let [tls, tls_h2, tls_short, status] = [(); 4].map(|()| procs::free_port());
         let run_str = run.to_str().expect("UTF-8 path");
         let conf = fill(
             include_str!("upstream.conf.template"),
@@ -407,6 +414,7 @@ impl Bench {
                 ("@RUN@", run_str),
                 ("@TLS@", &tls.to_string()),
                 ("@TLS_H2@", &tls_h2.to_string()),
+                ("@TLS_SHORT@", &tls_short.to_string()),
                 ("@STATUS@", &status.to_string()),
             ],
         );
@@ -423,9 +431,11 @@ impl Bench {
         let mut upstream = Proc::spawn("upstream nginx", nginx);
         let upstream_addr = SocketAddr::from(([127, 0, 0, 1], tls));
         let upstream_h2_addr = SocketAddr::from(([127, 0, 0, 1], tls_h2));
+        let upstream_short_addr = SocketAddr::from(([127, 0, 0, 1], tls_short));
         let status_addr = SocketAddr::from(([127, 0, 0, 1], status));
         procs::wait_listening(upstream_addr, &mut upstream);
         procs::wait_listening(upstream_h2_addr, &mut upstream);
+        procs::wait_listening(upstream_short_addr, &mut upstream);
         procs::wait_listening(status_addr, &mut upstream);
 
         let mut token = Command::new(PROXY_BIN);
@@ -451,6 +461,7 @@ impl Bench {
             ca,
             upstream_addr,
             upstream_h2_addr,
+            upstream_short_addr,
             status_addr,
             upstream,
             bearer,
