@@ -82,7 +82,7 @@ for group in "${groups[@]}"; do
         # Refusals (method, authority, codings, size) and replays (never written, 401, 429).
         mutate rules --file src/proxy/refuse.rs --file src/proxy/exchange.rs \
             -- --lib --test proxy --test refusals --test retries --test hostile \
-            --test properties --test egress --test pacing --test faults
+            --test properties --test egress --test pacing --test faults --test operations
         ;;
     pace)
         mutate pace --file 'src/pace/*.rs' -- --lib --test pacing --test retries

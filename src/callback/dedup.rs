@@ -119,6 +119,10 @@ mod tests {
         let delivered = Delivered::new(secs(60), 3);
         delivered.insert(&"x".repeat(MAX_ID_BYTES + 1), secs(0));
         assert!(delivered.is_empty());
+        // The longest remembered is exactly the limit.
+        let longest = "y".repeat(MAX_ID_BYTES);
+        delivered.insert(&longest, secs(0));
+        assert!(delivered.contains(&longest, secs(1)));
         let off = Delivered::new(Duration::ZERO, 3);
         off.insert("a", secs(0));
         assert!(!off.contains("a", secs(0)));
