@@ -74,11 +74,13 @@ impl Delivered {
         }
     }
 
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         crate::lock(&self.state).ids.len()
     }
 
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
         self.len() == 0
     }
 }
@@ -95,6 +97,7 @@ mod tests {
     fn an_id_is_remembered_for_the_ttl() {
         let delivered = Delivered::new(secs(60), 10);
         delivered.insert("a", secs(100));
+        assert!(!delivered.is_empty());
         assert!(delivered.contains("a", secs(159)));
         assert!(!delivered.contains("b", secs(159)));
         assert!(!delivered.contains("a", secs(160)));
