@@ -4,6 +4,9 @@
 //! The cases:
 //! - the upstream client failed before writing any byte of it
 //!   ([`SendError::never_written`]): once per exchange, as the upstream cannot have seen it;
+//!   an idempotent request (GET, PUT, DELETE...) also when the connection closed before any
+//!   byte of the response ([`SendError::closed_before_response`], RFC 9112 §9.3.1): how a
+//!   keep-alive connection the upstream closes as the request goes out fails;
 //! - the upstream answered 401: the token is re-minted and the request replayed, once (not at
 //!   all once a freshly minted token was refused: the credentials are wrong);
 //! - the upstream answered 429 (rate limiter on): replayed once at the credential's next free
@@ -64,7 +67,11 @@ impl Proxy {
         loop {
             let response = match self.send(kept.request()).await {
                 Ok(Ok(response)) => response,
-                Ok(Err(error)) if error.never_written() && !resent => {
+                Ok(Err(error))
+                    if !resent
+                        && (error.never_written()
+                            || kept.method.is_idempotent() && error.closed_before_response()) =>
+                {
                     let error = ProxyError::from(Failure::of(&error));
                     // The same certificate would be presented again.
                     if matches!(error, ProxyError::Upstream(Failure::TlsCertificate(_))) {
@@ -72,7 +79,7 @@ impl Proxy {
                     }
                     self.count_connect_error(&error);
                     self.metrics.retries.get_or_create(&CONNECT).inc();
-                    tracing::debug!(code = error.code(), %error, "request not sent; sending it again");
+                    tracing::debug!(code = error.code(), %error, "request not answered; sending it again");
                     resent = true;
                     continue;
                 }

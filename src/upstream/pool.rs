@@ -52,6 +52,13 @@ impl SendError {
             Self::Exchange(error) => error.is_canceled(),
         }
     }
+
+    /// Whether the connection closed before a byte of the response came: the upstream may or
+    /// may not have read the request. How a keep-alive connection the upstream closes just as
+    /// a request goes out fails; an idempotent request may then be sent again (RFC 9112 §9.3.1).
+    pub fn closed_before_response(&self) -> bool {
+        matches!(self, Self::Exchange(error) if error.is_incomplete_message())
+    }
 }
 
 /// What the pool can send: a request body hyper's HTTP/1.1 and HTTP/2 clients both take.
