@@ -168,6 +168,11 @@ async fn serve_scripted(
         let part = vec![b'x'; PART];
         match target.strip_prefix(BASE).unwrap_or(&target) {
             "/reset" => return reset(tls),
+            // Read, then closed cleanly without an answer, as when an idle timeout fires.
+            "/close" => {
+                let _ = tls.shutdown().await;
+                return;
+            }
             "/reset-mid-body" => {
                 let head = head(&format!("content-length: {ANNOUNCED}"));
                 let _ = tls.write_all(head.as_bytes()).await;
@@ -282,6 +287,21 @@ async fn scripted_stack(
 // ---------------------------------------------------------------------------------------------
 // Resets, stalls and closes on HTTP/1.1.
 // ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_connection_closed_before_the_answer_resends_an_idempotent_request_once_and_no_post() {
+    let (upstream, proxy) = scripted_stack(None, &[]).await;
+    let url = proxy.url("/close");
+    let client = http1();
+    for (request, sent) in [(get(&url), 2), (post_json(&url, json!({})), 1)] {
+        let before = upstream.requests();
+        let answer = send(&client, request).await;
+        assert_proxy_error(&answer, StatusCode::BAD_GATEWAY, "connection_terminated");
+        // A GET may be sent again (RFC 9112 §9.3.1), once; a POST the upstream read never.
+        assert_eq!(upstream.requests() - before, sent);
+    }
+    assert_healthy(&proxy, &client).await;
+}
 
 #[tokio::test]
 async fn a_reset_before_the_response_head_is_a_json_502_and_never_resent() {
