@@ -138,7 +138,7 @@ impl Server {
     /// stops (see the module doc).
     pub async fn serve(mut self, listeners: Listeners, shutdown: impl Future<Output = ()>) {
         let refresher = tokio::spawn(self.tokens.clone().run_refresher());
-        self.proxy.connect_ahead();
+        self.proxy.keep_warm();
         let reloader = Reloader::new(&self.credentials, self.tokens.clone(), self.metrics.clone())
             .map(|reloader| match &self.callbacks {
                 Some(callbacks) => reloader.also_rotating(callbacks.verifier().clone()),

@@ -340,10 +340,12 @@ async fn a_cold_burst_to_an_http1_upstream_opens_a_connection_per_request() {
 }
 
 /// A TCP relay to `target` that passes bytes both ways until frozen; frozen, it keeps every
-/// connection open and passes nothing, as a peer that died without closing would.
+/// connection open and passes nothing, as a peer that died without closing would. It can also
+/// close every connection, as an upstream closing idle connections does.
 struct FreezingRelay {
     addr: std::net::SocketAddr,
     frozen: tokio::sync::watch::Sender<bool>,
+    cuts: tokio::sync::watch::Sender<u32>,
     accepted: Arc<AtomicUsize>,
     /// Connections the proxy closed.
     closed: Arc<AtomicUsize>,
@@ -354,10 +356,12 @@ impl FreezingRelay {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (frozen, _) = tokio::sync::watch::channel(false);
+        let (cuts, _) = tokio::sync::watch::channel(0);
         let (accepted, closed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
         let relay = Self {
             addr,
             frozen: frozen.clone(),
+            cuts: cuts.clone(),
             accepted: accepted.clone(),
             closed: closed.clone(),
         };
@@ -368,29 +372,53 @@ impl FreezingRelay {
                 let (client_read, client_write) = client.into_split();
                 let (upstream_read, upstream_write) = upstream.into_split();
                 let closed = closed.clone();
-                let to_upstream = Self::pass(client_read, upstream_write, frozen.subscribe());
+                let to_upstream = Self::pass(
+                    client_read,
+                    upstream_write,
+                    frozen.subscribe(),
+                    cuts.subscribe(),
+                );
                 tokio::spawn(async move {
                     to_upstream.await;
                     closed.fetch_add(1, Ordering::SeqCst);
                 });
-                tokio::spawn(Self::pass(upstream_read, client_write, frozen.subscribe()));
+                tokio::spawn(Self::pass(
+                    upstream_read,
+                    client_write,
+                    frozen.subscribe(),
+                    cuts.subscribe(),
+                ));
             }
         });
         relay
     }
 
-    /// Copies `from` to `to` until `from` ends; what arrives while frozen is dropped.
+    /// Copies `from` to `to` until `from` ends or the relay cuts its connections; what arrives
+    /// while frozen is dropped.
     async fn pass(
         mut from: tokio::net::tcp::OwnedReadHalf,
         mut to: tokio::net::tcp::OwnedWriteHalf,
         frozen: tokio::sync::watch::Receiver<bool>,
+        mut cuts: tokio::sync::watch::Receiver<u32>,
     ) {
         let mut buf = vec![0; 16 * 1024];
-        while let Ok(n @ 1..) = from.read(&mut buf).await {
+        loop {
+            let n = tokio::select! {
+                read = from.read(&mut buf) => match read {
+                    Ok(n @ 1..) => n,
+                    _ => return,
+                },
+                _ = cuts.changed() => return,
+            };
             if !*frozen.borrow() && to.write_all(&buf[..n]).await.is_err() {
                 return;
             }
         }
+    }
+
+    /// Closes every connection open now.
+    fn cut(&self) {
+        self.cuts.send_modify(|cuts| *cuts += 1);
     }
 
     fn freeze(&self, frozen: bool) {
@@ -433,6 +461,57 @@ async fn an_unanswered_http2_ping_closes_the_connection_before_a_request_needs_i
     );
     assert_eq!(relay.accepted.load(Ordering::SeqCst), 2);
     assert_eq!(upstream.request_count(), 2);
+}
+
+#[tokio::test]
+async fn a_connection_the_upstream_closed_is_made_again_before_a_request_needs_it() {
+    for alpn in [
+        &[b"h2".as_slice(), b"http/1.1".as_slice()][..],
+        &[b"http/1.1".as_slice()][..],
+    ] {
+        let pki = TestPki::localhost();
+        let upstream = Upstream::builder()
+            .tls(&pki)
+            .alpn(alpn)
+            .handler(|_: Request<hyper::body::Incoming>| async { json(StatusCode::OK, json!({})) })
+            .start()
+            .await;
+        let relay = FreezingRelay::start(upstream.addr()).await;
+        let config = ProxyConfig::new(&format!("https://{}{BASE}", relay.addr), &pki);
+        let proxy = Proxy::start(&config).await;
+        let client = http1();
+        let connections = |n: usize| {
+            let accepted = relay.accepted.clone();
+            async move {
+                eventually(Duration::from_secs(5), "a connection made ahead", || {
+                    std::future::ready(accepted.load(Ordering::SeqCst) == n)
+                })
+                .await
+            }
+        };
+        connections(1).await;
+        assert_eq!(
+            send(&client, get(&proxy.url("/a"))).await.status,
+            StatusCode::OK
+        );
+
+        // The upstream closes the idle connection; the proxy makes another with no request
+        // waiting, and the next request is sent on it.
+        relay.cut();
+        connections(2).await;
+        eventually(
+            Duration::from_secs(5),
+            "the connection made ahead is up",
+            || std::future::ready(upstream.tls_handshakes_completed() == 2),
+        )
+        .await;
+        assert_eq!(
+            send(&client, get(&proxy.url("/b"))).await.status,
+            StatusCode::OK
+        );
+        assert_eq!(relay.accepted.load(Ordering::SeqCst), 2, "{alpn:?}");
+        assert_eq!(upstream.request_count(), 2);
+    }
 }
 
 /// A response body of `bytes` bytes, one every 100 ms: never silent for long enough to time out,

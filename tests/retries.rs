@@ -373,7 +373,7 @@ async fn a_connection_lost_before_the_request_was_written_is_retried_once() {
     let relay = DropsFirstConnection::start(upstream.addr()).await;
     // The request's own first connection is the one dropped.
     let config = ProxyConfig::new(&format!("https://{}{BASE}", relay.addr), &pki)
-        .set("IDMATCH_UPSTREAM_CONNECT_AHEAD", "false");
+        .set("IDMATCH_UPSTREAM_KEEP_WARM", "0s");
     let proxy = Proxy::start(&config).await;
 
     let answer = send(&http1(), post_json(&proxy.url("/sim-swap"), json!({}))).await;
@@ -390,7 +390,7 @@ async fn a_streamed_request_is_never_retried() {
     let upstream = ok_upstream(&pki).await;
     let relay = DropsFirstConnection::start(upstream.addr()).await;
     let config = ProxyConfig::new(&format!("https://{}{BASE}", relay.addr), &pki)
-        .set("IDMATCH_UPSTREAM_CONNECT_AHEAD", "false");
+        .set("IDMATCH_UPSTREAM_KEEP_WARM", "0s");
     let proxy = Proxy::start(&config).await;
 
     // Chunked: its length is unknown until it ends, so it is streamed, not kept.

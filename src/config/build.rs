@@ -118,7 +118,7 @@ impl Layers {
                 proxy,
                 replay_buffer_bytes,
                 max_in_flight,
-                connect_ahead: self.value(&UPSTREAM_CONNECT_AHEAD)?,
+                keep_warm: self.value(&UPSTREAM_KEEP_WARM)?,
                 idle_timeout: self.value(&UPSTREAM_IDLE_TIMEOUT)?,
                 ping_interval: self.value(&UPSTREAM_PING_INTERVAL)?,
                 ping_timeout: self.value(&UPSTREAM_PING_TIMEOUT)?,

@@ -129,8 +129,8 @@ table! {
         |c| Some(c.upstream.replay_buffer_bytes.to_string()));
     UPSTREAM_MAX_IN_FLIGHT: usize = row("upstream.max_in_flight", "IDMATCH_UPSTREAM_MAX_IN_FLIGHT", Some("64"), POSITIVE,
         |c| Some(c.upstream.max_in_flight.to_string()));
-    UPSTREAM_CONNECT_AHEAD: bool = row("upstream.connect_ahead", "IDMATCH_UPSTREAM_CONNECT_AHEAD", Some("true"), BOOL,
-        |c| Some(c.upstream.connect_ahead.to_string()));
+    UPSTREAM_KEEP_WARM: Duration = row("upstream.keep_warm", "IDMATCH_UPSTREAM_KEEP_WARM", Some("10m"), DURATION_OR_ZERO,
+        |c| Some(show_duration(c.upstream.keep_warm)));
     UPSTREAM_IDLE_TIMEOUT: Duration = row("upstream.idle_timeout", "IDMATCH_UPSTREAM_IDLE_TIMEOUT", Some("30s"), POSITIVE_DURATION,
         |c| Some(show_duration(c.upstream.idle_timeout)));
     UPSTREAM_PING_INTERVAL: Duration = row("upstream.ping_interval", "IDMATCH_UPSTREAM_PING_INTERVAL", Some("0s"), DURATION_OR_ZERO,

@@ -202,8 +202,9 @@ pub struct Upstream {
     /// Requests sent to the upstream at once; more wait for one to finish. Each HTTP/1.1
     /// request in flight holds a TLS connection, and CM.com allows one request per second.
     pub max_in_flight: usize,
-    /// Connect at start, in the background, so that the first request finds a connection.
-    pub connect_ahead: bool,
+    /// For this long after start and after each request (zero: never), one connection is kept
+    /// open, made in the background, so that a request finds one ready.
+    pub keep_warm: Duration,
     /// Pooled HTTP/1.1 connections idle longer are closed by us, rather than risk reusing one
     /// the upstream's load balancer is closing.
     pub idle_timeout: Duration,

@@ -79,7 +79,6 @@ pub struct Proxy {
     pacer: Option<Arc<Pacer>>,
     /// Set when the drain starts: HTTP/1 responses then close their connections.
     draining: Arc<AtomicBool>,
-    connect_ahead: bool,
 }
 
 /// A request body after the body stage: read whole, or left to stream.
@@ -121,7 +120,6 @@ impl Proxy {
             max_in_flight: upstream.max_in_flight,
             pacer,
             draining,
-            connect_ahead: upstream.connect_ahead,
         }
     }
 
@@ -130,12 +128,9 @@ impl Proxy {
         self.pacer.as_ref()
     }
 
-    /// Connects to the upstream ahead of the first request, in the background, if
-    /// `upstream.connect_ahead`.
-    pub fn connect_ahead(&self) {
-        if self.connect_ahead {
-            self.client.connect_ahead();
-        }
+    /// Keeps an upstream connection open ahead of requests, for `upstream.keep_warm`.
+    pub fn keep_warm(&self) {
+        self.client.keep_warm();
     }
 
     /// For requests hyper answered itself, before any service ran.

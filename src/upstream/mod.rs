@@ -1,11 +1,13 @@
 //! Reaching the upstream, and everything that can go wrong there: TLS and its trust
 //! ([`Trust`]), the egress tunnel and DNS (`connect`), the pooled connections ([`pool`]) and
-//! the classes its failures fall into ([`failure`]). Generic over the request body: nothing
+//! the classes its failures fall into ([`failure`]), and the connection kept open for sparse
+//! traffic (`warm`). Generic over the request body: nothing
 //! here knows the proxy's.
 
 mod connect;
 pub mod failure;
 pub mod pool;
+mod warm;
 
 use std::sync::Arc;
 

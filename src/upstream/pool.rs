@@ -22,9 +22,11 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::{http1, http2, TrySendError};
 use hyper_util::client::legacy::connect::Connection as _;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 use tower::Service as _;
 
+use super::warm::{self, Warmable, Warmth};
 use super::{BoxError, Connector};
 use crate::config::Upstream;
 use crate::lock;
@@ -93,6 +95,8 @@ struct Pool<B> {
     /// Whether the task that closes idle connections runs: started with the first connection,
     /// inside the runtime.
     reaping: std::sync::Once,
+    /// `upstream.keep_warm`.
+    warmth: Warmth,
 }
 
 /// The connections not in use: idle HTTP/1.1 ones, or the HTTP/2 one that all share.
@@ -142,27 +146,19 @@ impl<B: RequestBody> UpstreamClient<B> {
                 connecting: tokio::sync::Mutex::new(()),
                 speaks_http1: AtomicBool::new(false),
                 reaping: std::sync::Once::new(),
+                warmth: Warmth::new(upstream.keep_warm),
             }),
         }
     }
 
-    /// Connects in the background, ahead of the first request, so that its handshake is not on
-    /// that request's path (traffic is sparse: the first request may be the only one for a
-    /// while). Readiness does not wait for it; if it fails, the first request connects as
-    /// usual, and says why.
-    pub fn connect_ahead(&self) {
-        let pool = self.pool.clone();
-        tokio::spawn(async move {
-            match pool.checkout_or_connect().await {
-                Ok((Connection::Http1(sender), _)) => pool.give_back(sender),
-                // Shared from its handshake on.
-                Ok((Connection::Http2(_), _)) => {}
-                Err(error) => {
-                    let error = crate::chain(&error);
-                    tracing::warn!(%error, "cannot connect to the upstream ahead of requests");
-                }
-            }
-        });
+    /// Keeps a connection open from now on, for `upstream.keep_warm` after each request, so
+    /// that a request in sparse traffic finds one rather than waiting for handshakes (see
+    /// `warm`). Readiness does not wait for the first; if it fails, a request connects as usual.
+    pub fn keep_warm(&self) {
+        if self.pool.warmth.wanted(Instant::now()) {
+            let closed = self.pool.warmth.closed().clone();
+            tokio::spawn(warm::keep(Arc::downgrade(&self.pool), closed));
+        }
     }
 
     /// One exchange: on a pooled connection if one is free, else on a new one. A request that
@@ -175,6 +171,7 @@ impl<B: RequestBody> UpstreamClient<B> {
         &self,
         mut request: Request<B>,
     ) -> Result<Response<PooledBody<B>>, SendError> {
+        self.pool.warmth.requested();
         loop {
             let (connection, pooled) = match self.pool.checkout() {
                 Some(connection) => (connection, true),
@@ -225,9 +222,13 @@ impl<B: RequestBody> Pool<B> {
         let mut connections = lock(&self.connections);
         match connections.shared.as_ref().filter(|s| !s.is_closed()) {
             Some(shared) => Some(Connection::Http2(shared.clone())),
-            None => (connections.idle)
-                .take(Instant::now(), self.idle_timeout)
-                .map(Connection::Http1),
+            None => {
+                let now = Instant::now();
+                let keep_newest = self.warmth.wanted(now);
+                (connections.idle)
+                    .take(now, self.idle_timeout, keep_newest)
+                    .map(Connection::Http1)
+            }
         }
     }
 
@@ -305,7 +306,7 @@ impl<B: RequestBody> Pool<B> {
                 .handshake(io)
                 .await
                 .map_err(|error| SendError::Connect(error.into()))?;
-            tokio::spawn(run(connection));
+            tokio::spawn(run(connection, self.warmth.closed().clone()));
             lock(&self.connections).shared = Some(sender.clone());
             Ok(Connection::Http2(sender))
         } else {
@@ -313,7 +314,7 @@ impl<B: RequestBody> Pool<B> {
             let (sender, connection) = http1::handshake(io)
                 .await
                 .map_err(|error| SendError::Connect(error.into()))?;
-            tokio::spawn(run(connection));
+            tokio::spawn(run(connection, self.warmth.closed().clone()));
             Ok(Connection::Http1(sender))
         }
     }
@@ -325,11 +326,44 @@ impl<B: RequestBody> Pool<B> {
     }
 }
 
-/// Drives a connection until it closes; its errors reach the exchange that suffered them.
-async fn run<F: std::future::Future<Output = hyper::Result<()>>>(connection: F) {
+impl<B: RequestBody> Warmable for Pool<B> {
+    fn warmth(&self) -> &Warmth {
+        &self.warmth
+    }
+
+    fn has_open(&self) -> bool {
+        let connections = lock(&self.connections);
+        let shared = connections.shared.as_ref();
+        shared.is_some_and(|shared| !shared.is_closed()) || connections.idle.has_open()
+    }
+
+    async fn connect_idle(self: Arc<Self>) -> Result<(), SendError> {
+        match self.checkout_or_connect().await? {
+            (Connection::Http1(sender), _) => self.give_back(sender),
+            // Shared from its handshake on.
+            (Connection::Http2(_), _) => {}
+        }
+        Ok(())
+    }
+}
+
+impl<B> Drop for Pool<B> {
+    fn drop(&mut self) {
+        // The keeper ends when it finds the pool gone.
+        self.warmth.closed().notify_one();
+    }
+}
+
+/// Drives a connection until it closes, then tells `closed`; its errors reach the exchange that
+/// suffered them.
+async fn run<F: std::future::Future<Output = hyper::Result<()>>>(
+    connection: F,
+    closed: Arc<Notify>,
+) {
     if let Err(error) = connection.await {
         tracing::debug!(%error, "upstream connection closed");
     }
+    closed.notify_one();
 }
 
 /// Closes connections idle past `upstream.idle_timeout`, until the pool is gone.
@@ -339,9 +373,11 @@ async fn reap<B: RequestBody>(pool: Weak<Pool<B>>, idle_timeout: Duration) {
     loop {
         ticks.tick().await;
         let Some(pool) = pool.upgrade() else { return };
+        let now = Instant::now();
+        let keep_newest = pool.warmth.wanted(now);
         lock(&pool.connections)
             .idle
-            .expire(Instant::now(), idle_timeout);
+            .expire(now, idle_timeout, keep_newest);
     }
 }
 
@@ -400,25 +436,40 @@ impl<T: Reusable> Idle<T> {
         self.entries.push((connection, now));
     }
 
-    /// The newest connection that is neither closed nor idle past `timeout`; the expired go.
-    fn take(&mut self, now: Instant, timeout: Duration) -> Option<T> {
+    /// The newest open connection that is not idle past `timeout`, or, with `keep_newest`, the
+    /// newest open one however long idle (the one kept warm); the expired go.
+    fn take(&mut self, now: Instant, timeout: Duration, keep_newest: bool) -> Option<T> {
         while let Some((connection, since)) = self.entries.pop() {
-            if now.saturating_duration_since(since) > timeout {
-                // The rest are older still.
-                self.entries.clear();
-                return None;
+            if connection.is_closed() {
+                continue;
             }
-            if !connection.is_closed() {
+            if keep_newest || now.saturating_duration_since(since) <= timeout {
                 return Some(connection);
             }
+            // The rest are older still.
+            self.entries.clear();
         }
         None
     }
 
-    fn expire(&mut self, now: Instant, timeout: Duration) {
-        self.entries.retain(|(connection, since)| {
-            now.saturating_duration_since(*since) <= timeout && !connection.is_closed()
+    /// Drops the closed connections, and those idle past `timeout` but, with `keep_newest`,
+    /// the newest open one.
+    fn expire(&mut self, now: Instant, timeout: Duration, keep_newest: bool) {
+        self.entries
+            .retain(|(connection, _)| !connection.is_closed());
+        let newest = self.entries.len().checked_sub(1).filter(|_| keep_newest);
+        let mut index = 0;
+        self.entries.retain(|(_, since)| {
+            let kept = Some(index) == newest || now.saturating_duration_since(*since) <= timeout;
+            index += 1;
+            kept
         });
+    }
+
+    fn has_open(&self) -> bool {
+        self.entries
+            .iter()
+            .any(|(connection, _)| !connection.is_closed())
     }
 }
 
@@ -531,12 +582,12 @@ mod tests {
         let mut idle = idle_list(start, [(open(1), 0), (open(2), 1), (closed(3), 2)]);
         let now = start + Duration::from_secs(3);
         assert_eq!(
-            idle.take(now, TIMEOUT),
+            idle.take(now, TIMEOUT, false),
             Some(open(2)),
             "the closed one is skipped"
         );
-        assert_eq!(idle.take(now, TIMEOUT), Some(open(1)));
-        assert_eq!(idle.take(now, TIMEOUT), None);
+        assert_eq!(idle.take(now, TIMEOUT, false), Some(open(1)));
+        assert_eq!(idle.take(now, TIMEOUT, false), None);
     }
 
     #[test]
@@ -546,10 +597,10 @@ mod tests {
             let mut idle = idle_list(start, [(open(1), 0), (open(2), 10)]);
             // Exactly the timeout is still fine; a moment past it is not.
             let at_the_timeout = start + timeout + Duration::from_secs(10);
-            assert_eq!(idle.take(at_the_timeout, timeout), Some(open(2)));
+            assert_eq!(idle.take(at_the_timeout, timeout, false), Some(open(2)));
             idle.put(open(2), start + Duration::from_secs(10));
             let later = start + timeout + Duration::from_millis(10_001);
-            assert_eq!(idle.take(later, timeout), None, "{timeout:?}");
+            assert_eq!(idle.take(later, timeout, false), None, "{timeout:?}");
             assert!(idle.entries.is_empty(), "the older one went too");
         }
     }
@@ -561,12 +612,41 @@ mod tests {
             start,
             [(open(1), 0), (closed(2), 20), (open(3), 25), (open(4), 26)],
         );
-        idle.expire(start + TIMEOUT + Duration::from_secs(1), TIMEOUT);
+        idle.expire(start + TIMEOUT + Duration::from_secs(1), TIMEOUT, false);
         let left: Vec<u8> = idle.entries.iter().map(|(c, _)| c.id).collect();
         assert_eq!(left, [3, 4]);
         // A shorter timeout: only the newest is young enough.
-        idle.expire(start + Duration::from_secs(28), Duration::from_secs(2));
+        idle.expire(
+            start + Duration::from_secs(28),
+            Duration::from_secs(2),
+            false,
+        );
         let left: Vec<u8> = idle.entries.iter().map(|(c, _)| c.id).collect();
         assert_eq!(left, [4]);
+    }
+
+    #[test]
+    fn the_connection_kept_warm_is_the_newest_open_one_however_long_idle() {
+        let start = Instant::now();
+        let puts = || [(open(1), 0), (open(2), 10), (closed(3), 20)];
+        let long_after = start + TIMEOUT * 10;
+
+        let mut idle = idle_list(start, puts());
+        idle.expire(long_after, TIMEOUT, true);
+        let left: Vec<u8> = idle.entries.iter().map(|(c, _)| c.id).collect();
+        assert_eq!(left, [2]);
+        assert!(idle.has_open());
+        assert_eq!(idle.take(long_after, TIMEOUT, true), Some(open(2)));
+        assert!(!idle.has_open());
+
+        let mut idle = idle_list(start, puts());
+        assert_eq!(idle.take(long_after, TIMEOUT, true), Some(open(2)));
+        assert_eq!(
+            idle.take(long_after, TIMEOUT, false),
+            None,
+            "only the newest is kept warm"
+        );
+        assert!(idle.entries.is_empty());
+        assert!(!idle_list(start, [(closed(1), 0)]).has_open());
     }
 }
