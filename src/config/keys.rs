@@ -146,7 +146,7 @@ table! {
     // Never in the file: a config file is usually a ConfigMap, readable by far more people than a Secret.
     CREDENTIALS_SECRET: Secret = row("credentials.secret", "IDMATCH_SECRET", None, INLINE_SECRET,
         |c| Some(format!("<redacted, {} bytes>", c.credentials.secret.len())));
-    CREDENTIALS_RELOAD_INTERVAL: Duration = row("credentials.reload_interval", "IDMATCH_CREDENTIALS_RELOAD_INTERVAL", Some("1s"), POSITIVE_DURATION,
+    CREDENTIALS_RELOAD_INTERVAL: Duration = row("credentials.reload_interval", "IDMATCH_CREDENTIALS_RELOAD_INTERVAL", Some("10s"), POSITIVE_DURATION,
         |c| Some(show_duration(c.credentials.reload_interval)));
     TOKEN_LIFETIME: Duration = row("token.lifetime", "IDMATCH_TOKEN_LIFETIME", Some("60s"), LIFETIME_SECONDS,
         |c| Some(show_duration(c.token.lifetime)));
