@@ -164,6 +164,18 @@ impl Connection {
         String::from_utf8_lossy(&self.buf[start..]).into_owned()
     }
 
+    /// A field of the last response's head (`name` in lower case).
+    pub fn last_header(&self, name: &str) -> Option<String> {
+        let (_, head_end, _) = response_head(&self.buf).ok().flatten()?;
+        let head = String::from_utf8_lossy(&self.buf[..head_end]);
+        head.lines().find_map(|line| {
+            let (field, value) = line.split_once(':')?;
+            field
+                .eq_ignore_ascii_case(name)
+                .then(|| value.trim().to_owned())
+        })
+    }
+
     /// Starts a request (no pipelining here): what was read of the last response is dropped.
     pub fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
         self.buf.clear();

@@ -17,7 +17,9 @@
 
 mod floor;
 mod hops;
+mod idle;
 mod load;
+mod pacing;
 mod procs;
 mod sparse;
 
@@ -62,8 +64,14 @@ struct Settings {
     targets: Vec<Kind>,
     /// `BENCH_RATES`: fixed rates instead of 5/25/50 % of idmatch-proxy's maximum.
     rates: Option<Vec<u64>>,
-    /// `BENCH_SKIP`: phases to leave out: start, max, rounds, hops, latency, upload, sparse.
+    /// `BENCH_SKIP`: phases to leave out: start, max, rounds, hops, latency, upload, sparse, idle,
+    /// pacing.
     skip: Vec<String>,
+    /// `BENCH_ONLY`: the phases to run, if not all.
+    only: Option<Vec<String>>,
+    /// `BENCH_UPSTREAMS`: the rounds against the stub offering http/1.1 only (`http1`), and
+    /// offering h2 too (`h2`); both by default.
+    upstreams: Vec<bool>,
     /// `BENCH_ROUNDS`: interleaved repeats of the maximum for idmatch-proxy, the peer and
     /// static nginx, whose median ratios do not hang on one run's luck.
     rounds: usize,
@@ -77,7 +85,8 @@ fn list(name: &str) -> Option<Vec<String>> {
 
 impl Settings {
     fn runs(&self, phase: &str) -> bool {
-        !self.skip.iter().any(|s| s == phase)
+        let only = self.only.as_ref();
+        !self.skip.iter().any(|s| s == phase) && only.is_none_or(|o| o.iter().any(|s| s == phase))
     }
 
     fn from_env() -> Settings {
@@ -113,6 +122,17 @@ impl Settings {
                     .collect()
             }),
             skip: list("BENCH_SKIP").unwrap_or_default(),
+            only: list("BENCH_ONLY"),
+            upstreams: list("BENCH_UPSTREAMS").map_or(vec![false, true], |names| {
+                names
+                    .iter()
+                    .map(|name| match name.as_str() {
+                        "http1" => false,
+                        "h2" => true,
+                        _ => panic!("BENCH_UPSTREAMS={name:?}: expected http1 or h2"),
+                    })
+                    .collect()
+            }),
             rounds: var("BENCH_ROUNDS", if quick { 2 } else { 3 }) as usize,
         }
     }
@@ -131,6 +151,8 @@ struct Bench {
     upstream_short_addr: SocketAddr,
     status_addr: SocketAddr,
     upstream: Proc,
+    /// Every target reaches the stub at `upstream_h2_addr` rather than `upstream_addr`.
+    upstream_offers_h2: bool,
     /// A token minted by `idmatch-proxy token`: the direct client's and the static nginx's.
     bearer: String,
     report: String,
@@ -197,6 +219,8 @@ impl Kind {
 struct Sut {
     kind: Kind,
     proc: Option<Proc>,
+    /// What the stub saw the first request come over: `HTTP/1.1` or `HTTP/2.0`.
+    protocol: String,
     target: Target,
     url: String,
     script: PathBuf,
@@ -293,6 +317,12 @@ fn main() {
     if bench.settings.runs("sparse") {
         bench.sparse();
     }
+    if bench.settings.runs("idle") {
+        bench.idle();
+    }
+    if bench.settings.runs("pacing") {
+        bench.pacing();
+    }
     let _ = writeln!(
         bench.report,
         "\nWhole run: {:.0} s; load average at the end {}.",
@@ -371,6 +401,10 @@ fn openssl(run: &Path, args: &str) {
 
 fn mib(bytes: u64) -> String {
     format!("{:.1}", bytes as f64 / MIB)
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
 }
 
 fn pct(fraction: f64) -> String {
@@ -464,6 +498,7 @@ impl Bench {
             upstream_short_addr,
             status_addr,
             upstream,
+            upstream_offers_h2: false,
             bearer,
             report: String::new(),
         }
@@ -588,7 +623,11 @@ impl Bench {
         let run = self.run.to_str().unwrap();
         let listen = procs::free_port();
         let addr = SocketAddr::from(([127, 0, 0, 1], listen));
-        let upstream = self.upstream_addr.to_string();
+        let upstream_addr = match kind == Kind::ProxyH2 || self.upstream_offers_h2 {
+            true => self.upstream_h2_addr,
+            false => self.upstream_addr,
+        };
+        let upstream = upstream_addr.to_string();
         let nginx_pairs = |name: &str| {
             vec![
                 ("@RUN@".to_owned(), run.to_owned()),
@@ -618,7 +657,7 @@ impl Bench {
         let (proc, target_addr, path, authorization, tls) = match kind {
             Kind::Direct => (
                 None,
-                self.upstream_addr,
+                upstream_addr,
                 UPSTREAM_PATH,
                 Some(self.bearer.as_str()),
                 Some(load::tls_config(&self.ca)),
@@ -629,14 +668,10 @@ impl Bench {
                     _ => PathBuf::from(PROXY_BIN),
                 };
                 let mut command = procs::pinned(self.settings.sut_cpu, binary.to_str().unwrap());
-                let upstream = match kind {
-                    Kind::ProxyH2 => self.upstream_h2_addr,
-                    _ => self.upstream_addr,
-                };
                 proxy_env(
                     &mut command,
                     &self.run,
-                    upstream,
+                    upstream_addr,
                     listen,
                     procs::free_port(),
                 );
@@ -682,6 +717,9 @@ impl Bench {
                     self.ca.to_str().unwrap(),
                     bearer.to_str().unwrap(),
                 ]);
+                if self.upstream_offers_h2 {
+                    command.arg("h2");
+                }
                 (
                     Some(Proc::spawn("floor", command)),
                     addr,
@@ -717,6 +755,9 @@ impl Bench {
                 .unwrap_or(&body);
             return Err(format!("the first request got {status} ({})", title.trim()));
         }
+        let protocol = conn
+            .last_header("x-stub-protocol")
+            .unwrap_or_else(|| "(not said)".into());
 
         let scheme = if target.tls.is_some() {
             "https"
@@ -735,6 +776,7 @@ impl Bench {
         Ok(Sut {
             kind,
             proc,
+            protocol,
             url: format!("{scheme}://{target_addr}{path}"),
             target,
             script,
@@ -944,7 +986,16 @@ impl Bench {
         );
     }
 
+    /// The rounds against each upstream of `BENCH_UPSTREAMS`.
     fn rounds(&mut self) {
+        for offers_h2 in self.settings.upstreams.clone() {
+            self.upstream_offers_h2 = offers_h2;
+            self.rounds_against();
+        }
+        self.upstream_offers_h2 = false;
+    }
+
+    fn rounds_against(&mut self) {
         let kinds: Vec<Kind> = [
             Kind::Proxy { access_log: false },
             Kind::ProxyPgo,
@@ -962,15 +1013,21 @@ impl Bench {
             return;
         }
         let (connections, secs) = (self.settings.connections, self.settings.max_secs);
+        let upstream = match self.upstream_offers_h2 {
+            true => "upstream offers h2 and http/1.1",
+            false => "upstream offers http/1.1 only",
+        };
         let mut rounds: Vec<Vec<(f64, f64)>> = Vec::new();
+        let mut protocols = vec![String::new(); kinds.len()];
         for round in 1..=self.settings.rounds {
-            println!("rounds: {round} of {}", self.settings.rounds);
+            println!("rounds ({upstream}): {round} of {}", self.settings.rounds);
             let mut cpu = Vec::new();
-            for &kind in &kinds {
+            for (&kind, protocol) in kinds.iter().zip(&mut protocols) {
                 let sut = match self.start_sut(kind) {
                     Ok(sut) => sut,
                     Err(error) => return self.failed(kind, &error),
                 };
+                protocol.clone_from(&sut.protocol);
                 let _ = load::wrk(&sut.url, &sut.script, connections, 2);
                 let run = self.measure_max(&sut, connections, secs);
                 let per_10k = |d: Duration| d.as_secs_f64() / run.wrk.requests as f64 * 1e4;
@@ -980,14 +1037,15 @@ impl Bench {
         }
         let _ = write!(
             self.report,
-            "\n### Maximum throughput, {} interleaved rounds\n\n\
+            "\n### Maximum throughput, {} interleaved rounds, {upstream}\n\n\
              Each round starts and warms each target in turn, then `wrk -t1 -c{connections} \
              -d{secs}s`. SUT CPU s per 10k requests (kernel share); the ratios are by CPU-bound \
-             capacity, each idmatch-proxy build (warn) ÷ the others.\n\n| round |",
+             capacity, each idmatch-proxy build (warn) ÷ the others. Under each target, the \
+             protocol it spoke to the upstream, as the stub saw it.\n\n| round |",
             rounds.len()
         );
-        for kind in &kinds {
-            let _ = write!(self.report, " {} |", kind.name());
+        for (kind, protocol) in kinds.iter().zip(&protocols) {
+            let _ = write!(self.report, " {} ({protocol}) |", kind.name());
         }
         let is_ours = |k: &Kind| matches!(k, Kind::Proxy { .. } | Kind::ProxyPgo);
         // (ours, other) column pairs, by index into `kinds`.

@@ -62,6 +62,12 @@ impl Proc {
         self.pids().into_iter().map(rss).sum()
     }
 
+    /// Context switches of every thread of this process and its children so far: each time one
+    /// went to sleep or was put off the core, i.e. about how often it woke.
+    pub fn switches(&self) -> u64 {
+        self.pids().into_iter().map(switches).sum()
+    }
+
     /// Fails loudly if the process has exited (a bad config, a port in use).
     pub fn check_alive(&mut self) {
         if let Ok(Some(status)) = self.child.try_wait() {
@@ -213,6 +219,27 @@ fn cpu_times(pid: u32) -> (Duration, Duration) {
         Duration::from_nanos(user + system),
         Duration::from_nanos(system),
     )
+}
+
+fn switches(pid: u32) -> u64 {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    let field = |status: &str, name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    tasks
+        .flatten()
+        .filter_map(|task| fs::read_to_string(task.path().join("status")).ok())
+        .map(|status| {
+            field(&status, "voluntary_ctxt_switches:")
+                + field(&status, "nonvoluntary_ctxt_switches:")
+        })
+        .sum()
 }
 
 pub fn rss(pid: u32) -> u64 {

@@ -4,9 +4,11 @@
 //! On loopback a handshake costs next to nothing, so the dense phases cannot see it. Real
 //! traffic is one request every few seconds or minutes per credential, over a link with a
 //! round trip of its own, and a request that finds no open upstream connection waits for the
-//! TCP and TLS handshakes first. Three situations: the first request after start (which
-//! `upstream.connect_ahead` serves on a connection made at start), requests one after another
-//! (warm), and a request after a pause longer than the upstream's keep-alive timeout.
+//! TCP and TLS handshakes first. Three situations: the first request after start, requests one
+//! after another (warm), and a request after a pause longer than the upstream's keep-alive
+//! timeout. `upstream.keep_warm` serves the first and the last on a connection made in the
+//! background (at start, and whenever the upstream closes the one open); each is measured with
+//! it off as well.
 
 use std::fmt::Write as _;
 use std::io::{Read, Write};
@@ -17,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use crate::load::{self, Connection, Target};
 use crate::procs::{self, Proc};
-use crate::{proxy_env, Bench, Kind, BODY, PROXY_BIN, UPSTREAM_PATH};
+use crate::{ms, proxy_env, Bench, Kind, BODY, PROXY_BIN, UPSTREAM_PATH};
 
 /// Each way through the relay.
 const ONE_WAY: Duration = Duration::from_millis(10);
@@ -29,8 +31,6 @@ const IDLE: Duration = Duration::from_secs(5);
 const SETTLE: Duration = Duration::from_millis(500);
 const WARM: usize = 10;
 const AFTER_IDLE: usize = 3;
-/// Fewer with PINGs on: each costs `IDLE`, and the phase should stay within a minute.
-const PING_AFTER_IDLE: usize = 2;
 /// Fresh starts measured for the first request after start, per setting: one sample each.
 const STARTS: usize = 3;
 
@@ -152,8 +152,9 @@ fn exchange(conn: &mut Connection, target: &Target) {
     assert_eq!(status, 200, "sparse: {}", conn.last_body());
 }
 
-/// First, warm and after-idle, in that order, on a target just started.
-fn situations(relay: &Relay, target: &Target, idle_runs: usize) -> [Sample; 3] {
+/// First, warm and after-idle, in that order, on a target just started; and the upstream
+/// connections opened during the pauses, with no request on the way.
+fn situations(relay: &Relay, target: &Target) -> ([Sample; 3], u64) {
     let mut conn = None;
     let first = counted(relay, || {
         let (open, time) = single(target);
@@ -171,15 +172,15 @@ fn situations(relay: &Relay, target: &Target, idle_runs: usize) -> [Sample; 3] {
             .collect()
     });
     drop(conn);
-    let idle = counted(relay, || {
-        (0..idle_runs)
-            .map(|_| {
-                std::thread::sleep(IDLE);
-                single(target).1
-            })
-            .collect()
-    });
-    [first, warm, idle]
+    let mut idle = Sample::default();
+    let mut opened_idle = 0;
+    for _ in 0..AFTER_IDLE {
+        let before = relay.connections();
+        std::thread::sleep(IDLE);
+        opened_idle += relay.connections() - before;
+        idle.add(counted(relay, || vec![single(target).1]));
+    }
+    ([first, warm, idle], opened_idle)
 }
 
 /// A table row: who, in which situation, and the warm median its ratio is taken to.
@@ -203,37 +204,29 @@ impl Bench {
             .targets
             .contains(&Kind::Proxy { access_log: false })
         {
+            let off = [("IDMATCH_UPSTREAM_KEEP_WARM", "0s")];
             let (proxy, target) = self.start_proxy(&relay, &[]);
-            let [mut first, warm, idle] = situations(&relay, &target, AFTER_IDLE);
+            let ([mut first, warm, idle], opened_idle) = situations(&relay, &target);
             drop(proxy);
-            // Fresh starts alternate between the two settings, so that both see the same load.
-            let ahead_off = [("IDMATCH_UPSTREAM_CONNECT_AHEAD", "false")];
-            let mut off = Sample::default();
-            for start in 0..STARTS {
-                if start > 0 {
-                    first.add(self.first_after_start(&relay, &[]));
-                }
-                off.add(self.first_after_start(&relay, &ahead_off));
+            let (proxy, target) = self.start_proxy(&relay, &off);
+            let ([mut first_off, _, idle_off], opened_idle_off) = situations(&relay, &target);
+            drop(proxy);
+            // More fresh starts, alternating between the two settings so that both see the
+            // same load.
+            for _ in 1..STARTS {
+                first.add(self.first_after_start(&relay, &[]));
+                first_off.add(self.first_after_start(&relay, &off));
             }
-            let (ping, target) =
-                self.start_proxy(&relay, &[("IDMATCH_UPSTREAM_PING_INTERVAL", "1s")]);
-            let [_, ping_warm, ping_idle] = situations(&relay, &target, PING_AFTER_IDLE);
-            drop(ping);
             let warm_median = warm.median();
+            let paused = AFTER_IDLE as u64 * IDLE.as_secs();
             rows.extend([
                 Row {
                     target: ours,
                     situation: format!(
-                        "first after start (connect_ahead on, the default; /readyz 200 + {} ms), {STARTS} starts",
+                        "first after start (/readyz 200 + {} ms), {STARTS} starts",
                         SETTLE.as_millis()
                     ),
                     sample: first,
-                    warm: warm_median,
-                },
-                Row {
-                    target: ours,
-                    situation: "first after start, `IDMATCH_UPSTREAM_CONNECT_AHEAD=false` (before 0da3b36)".into(),
-                    sample: off,
                     warm: warm_median,
                 },
                 Row {
@@ -244,19 +237,27 @@ impl Bench {
                 },
                 Row {
                     target: ours,
-                    situation: format!("after {} s idle (upstream keep-alive 3 s)", IDLE.as_secs()),
+                    situation: format!(
+                        "after {} s idle (upstream keep-alive 3 s); {opened_idle} connections made ahead in {paused} s of pauses",
+                        IDLE.as_secs()
+                    ),
                     sample: idle,
                     warm: warm_median,
                 },
                 Row {
                     target: ours,
+                    situation: "first after start, `IDMATCH_UPSTREAM_KEEP_WARM=0s`".into(),
+                    sample: first_off,
+                    warm: warm_median,
+                },
+                Row {
+                    target: ours,
                     situation: format!(
-                        "after {} s idle, `IDMATCH_UPSTREAM_PING_INTERVAL=1s` (÷ its own warm, {:.1} ms)",
-                        IDLE.as_secs(),
-                        ms(ping_warm.median())
+                        "after {} s idle, `IDMATCH_UPSTREAM_KEEP_WARM=0s`; {opened_idle_off} connections made in {paused} s of pauses",
+                        IDLE.as_secs()
                     ),
-                    sample: ping_idle,
-                    warm: ping_warm.median(),
+                    sample: idle_off,
+                    warm: warm_median,
                 },
             ]);
         }
@@ -271,7 +272,7 @@ impl Bench {
                     Some(&self.bearer),
                 )),
             };
-            let [first, warm, idle] = situations(&relay, &target, AFTER_IDLE);
+            let ([first, warm, idle], _) = situations(&relay, &target);
             let direct = "direct (client → upstream, TLS, HTTP/1.1)";
             let warm_median = warm.median();
             for (situation, sample) in [
@@ -374,8 +375,4 @@ impl Bench {
             procs::loadavg()
         );
     }
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
 }
