@@ -339,6 +339,34 @@ async fn a_cold_burst_to_an_http1_upstream_opens_a_connection_per_request() {
     assert_eq!(cold_burst(&[b"http/1.1"]).await, 16);
 }
 
+#[tokio::test]
+async fn upstream_http2_false_offers_http1_alone() {
+    for (setting, expected) in [
+        ("true", http::Version::HTTP_2),
+        ("false", http::Version::HTTP_11),
+    ] {
+        let pki = TestPki::localhost();
+        let upstream = Upstream::builder()
+            .tls(&pki)
+            .alpn(&[b"h2", b"http/1.1"])
+            .handler(|_: Request<hyper::body::Incoming>| async { json(StatusCode::OK, json!({})) })
+            .start()
+            .await;
+        let config =
+            ProxyConfig::new(&upstream.url(BASE), &pki).set("IDMATCH_UPSTREAM_HTTP2", setting);
+        let proxy = Proxy::start(&config).await;
+        assert_eq!(
+            send(&http1(), get(&proxy.url("/x"))).await.status,
+            StatusCode::OK
+        );
+        assert_eq!(
+            upstream.requests()[0].version,
+            expected,
+            "http2 = {setting}"
+        );
+    }
+}
+
 /// A TCP relay to `target` that passes bytes both ways until frozen; frozen, it keeps every
 /// connection open and passes nothing, as a peer that died without closing would. It can also
 /// close every connection, as an upstream closing idle connections does.

@@ -118,6 +118,7 @@ impl Layers {
                 proxy,
                 replay_buffer_bytes,
                 max_in_flight,
+                http2: self.value(&UPSTREAM_HTTP2)?,
                 keep_warm: self.value(&UPSTREAM_KEEP_WARM)?,
                 idle_timeout: self.value(&UPSTREAM_IDLE_TIMEOUT)?,
                 ping_interval: self.value(&UPSTREAM_PING_INTERVAL)?,

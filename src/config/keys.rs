@@ -129,6 +129,8 @@ table! {
         |c| Some(c.upstream.replay_buffer_bytes.to_string()));
     UPSTREAM_MAX_IN_FLIGHT: usize = row("upstream.max_in_flight", "IDMATCH_UPSTREAM_MAX_IN_FLIGHT", Some("64"), POSITIVE,
         |c| Some(c.upstream.max_in_flight.to_string()));
+    UPSTREAM_HTTP2: bool = row("upstream.http2", "IDMATCH_UPSTREAM_HTTP2", Some("true"), BOOL,
+        |c| Some(c.upstream.http2.to_string()));
     UPSTREAM_KEEP_WARM: Duration = row("upstream.keep_warm", "IDMATCH_UPSTREAM_KEEP_WARM", Some("10m"), DURATION_OR_ZERO,
         |c| Some(show_duration(c.upstream.keep_warm)));
     UPSTREAM_IDLE_TIMEOUT: Duration = row("upstream.idle_timeout", "IDMATCH_UPSTREAM_IDLE_TIMEOUT", Some("30s"), POSITIVE_DURATION,

@@ -202,6 +202,8 @@ pub struct Upstream {
     /// Requests sent to the upstream at once; more wait for one to finish. Each HTTP/1.1
     /// request in flight holds a TLS connection, and CM.com allows one request per second.
     pub max_in_flight: usize,
+    /// Offer h2 as well as http/1.1 by ALPN (the upstream chooses), else http/1.1 alone.
+    pub http2: bool,
     /// For this long after start and after each request (zero: never), one connection is kept
     /// open, made in the background, so that a request finds one ready.
     pub keep_warm: Duration,

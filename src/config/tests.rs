@@ -521,7 +521,7 @@ fn unknown_keys_name_file_and_line() {
              upstream.roots, upstream.ca_file, upstream.allow_insecure_http, \
              upstream.connect_timeout, upstream.response_timeout, upstream.proxy, \
              upstream.no_proxy, upstream.replay_buffer_bytes, upstream.max_in_flight, \
-             upstream.keep_warm, upstream.idle_timeout, upstream.ping_interval, \
+             upstream.http2, upstream.keep_warm, upstream.idle_timeout, upstream.ping_interval, \
              upstream.ping_timeout, \
              credentials.key_id, \
              credentials.key_id_file, credentials.secret_file, credentials.reload_interval, \

@@ -45,11 +45,21 @@ pub struct Trust {
     https: Arc<ArcSwap<HttpsConnector<Egress>>>,
     roots: Arc<RootCertStore>,
     egress: Egress,
-    allow_insecure_http: bool,
+    offer: Offer,
+}
+
+/// What new connections offer the upstream.
+#[derive(Clone, Copy)]
+struct Offer {
+    /// `upstream.allow_insecure_http`: `http://` too, not only `https://`.
+    insecure_http: bool,
+    /// `upstream.http2`: h2 before http/1.1 in ALPN, else http/1.1 alone.
+    http2: bool,
 }
 
 impl Trust {
-    /// rustls with the configured roots, ALPN `h2` then `http/1.1`, TCP_NODELAY, a tunnel
+    /// rustls with the configured roots, ALPN `h2` then `http/1.1` (`http/1.1` alone without
+    /// `upstream.http2`), TCP_NODELAY, a tunnel
     /// through the egress proxy if one is configured, and `https://` only unless plain HTTP was
     /// explicitly allowed.
     pub fn new(upstream: &Upstream) -> Result<Self, TlsSetupError> {
@@ -79,13 +89,16 @@ impl Trust {
             );
         }
 
-        let allow_insecure_http = upstream.allow_insecure_http;
-        let https = https(&roots, &upstream.extra_roots, &egress, allow_insecure_http)?;
+        let offer = Offer {
+            insecure_http: upstream.allow_insecure_http,
+            http2: upstream.http2,
+        };
+        let https = https(&roots, &upstream.extra_roots, &egress, offer)?;
         Ok(Self {
             https: Arc::new(ArcSwap::from_pointee(https)),
             roots: Arc::new(roots),
             egress,
-            allow_insecure_http,
+            offer,
         })
     }
 
@@ -102,7 +115,7 @@ impl Trust {
         &self,
         extra: &[CertificateDer<'static>],
     ) -> Result<(), TlsSetupError> {
-        let https = https(&self.roots, extra, &self.egress, self.allow_insecure_http)?;
+        let https = https(&self.roots, extra, &self.egress, self.offer)?;
         self.https.store(Arc::new(https));
         Ok(())
     }
@@ -113,7 +126,7 @@ fn https(
     roots: &RootCertStore,
     extra: &[CertificateDer<'static>],
     egress: &Egress,
-    allow_insecure_http: bool,
+    offer: Offer,
 ) -> Result<HttpsConnector<Egress>, TlsSetupError> {
     let mut roots = roots.clone();
     // Each was checked to be a usable trust anchor when the file was read.
@@ -124,15 +137,16 @@ fn https(
         .with_root_certificates(roots)
         .with_no_client_auth();
     let schemes = HttpsConnectorBuilder::new().with_tls_config(tls);
-    let schemes = if allow_insecure_http {
+    let schemes = if offer.insecure_http {
         schemes.https_or_http()
     } else {
         schemes.https_only()
     };
-    Ok(schemes
-        .enable_http1()
-        .enable_http2()
-        .wrap_connector(egress.clone()))
+    let http1 = schemes.enable_http1();
+    Ok(match offer.http2 {
+        true => http1.enable_http2().wrap_connector(egress.clone()),
+        false => http1.wrap_connector(egress.clone()),
+    })
 }
 
 /// A client target that is not an absolute path (`*`, say): nothing to join to a base path.
