@@ -211,6 +211,10 @@ impl Bench {
             let (proxy, target) = self.start_proxy(&relay, &off);
             let ([mut first_off, _, idle_off], opened_idle_off) = situations(&relay, &target);
             drop(proxy);
+            let http1 = [("IDMATCH_UPSTREAM_HTTP2", "false")];
+            let (proxy, target) = self.start_proxy(&relay, &http1);
+            let ([_, warm_http1, idle_http1], opened_idle_http1) = situations(&relay, &target);
+            drop(proxy);
             // More fresh starts, alternating between the two settings so that both see the
             // same load.
             for _ in 1..STARTS {
@@ -242,6 +246,21 @@ impl Bench {
                         IDLE.as_secs()
                     ),
                     sample: idle,
+                    warm: warm_median,
+                },
+                Row {
+                    target: ours,
+                    situation: "warm, `IDMATCH_UPSTREAM_HTTP2=false` (http/1.1 to the upstream)".into(),
+                    sample: warm_http1,
+                    warm: warm_median,
+                },
+                Row {
+                    target: ours,
+                    situation: format!(
+                        "after {} s idle, `IDMATCH_UPSTREAM_HTTP2=false`; {opened_idle_http1} connections made ahead in {paused} s of pauses",
+                        IDLE.as_secs()
+                    ),
+                    sample: idle_http1,
                     warm: warm_median,
                 },
                 Row {
