@@ -535,7 +535,12 @@ mod tests {
         pacer.push_back(None).await;
         pacer.wait_turn().await.unwrap();
         assert_eq!(start.elapsed(), ms(6000));
-        assert!(pacer.seconds_until_free() > 0.0);
+        // The gauge: the next slot is one interval on, then nearer, then free.
+        assert_eq!(pacer.seconds_until_free(), 1.0);
+        tokio::time::advance(ms(250)).await;
+        assert_eq!(pacer.seconds_until_free(), 0.75);
+        tokio::time::advance(ms(1000)).await;
+        assert_eq!(pacer.seconds_until_free(), 0.0);
     }
 
     #[tokio::test(start_paused = true)]
