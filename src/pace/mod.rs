@@ -522,6 +522,13 @@ mod tests {
         assert_eq!(sample(&metrics, "idmatch_proxy_rate_limit_queued"), 0.0);
     }
 
+    #[test]
+    fn retry_after_is_whole_seconds_rounded_up_and_at_least_one() {
+        for (millis, seconds) in [(0, 1), (1, 1), (1000, 1), (1001, 2), (2500, 3), (3000, 3)] {
+            assert_eq!(whole_seconds(ms(millis)), seconds, "{millis} ms");
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_push_back_delays_the_waiting_and_the_next() {
         let (pacer, _) = pacer(&settings(1000, 10_000));
