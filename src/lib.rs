@@ -9,7 +9,8 @@
 //! - pace (the credential's send slot, local or through Redis): [`pace`];
 //! - upstream slot and token: [`proxy`], the token from [`token`] (signer, shared cache);
 //! - exchange and its replay rules: `proxy::exchange`, over [`upstream`] (TLS and its
-//!   [`upstream::Trust`], egress tunnel, DNS, the pool, and the classes of its failures);
+//!   [`upstream::Trust`], egress tunnel, DNS, the pool and the connection it keeps warm, and
+//!   the classes of its failures);
 //! - response hygiene: [`headers`] (hop-by-hop and credentials), then [`error`], the one
 //!   place a failure becomes a JSON 4xx/502/503/504 with `Proxy-Status`.
 //!
