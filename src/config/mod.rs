@@ -6,7 +6,7 @@
 //! about unknown variables are read through it. Loading runs in three steps, so that everything
 //! but the last one is pure and tested with strings and maps:
 //!
-//! 1. [`Layers`] (`layers.rs`) collects the raw text of each key with its [`Origin`]
+//! 1. `Layers` (`layers.rs`) collects the raw text of each key with its [`Origin`]
 //!    (default < file < env);
 //! 2. `build.rs` parses each key into its type, then checks the rules between keys;
 //! 3. it reads the secret and CA files the settings name (`files.rs`); a relative path from the
