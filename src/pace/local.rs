@@ -156,4 +156,14 @@ mod tests {
         schedule.push_back(ms(600), ms(100));
         assert_eq!(schedule.due(c), ms(7100));
     }
+
+    #[test]
+    fn a_push_back_once_the_last_slot_is_past_moves_no_slot() {
+        let mut schedule = Schedule::new(ms(1000));
+        let a = schedule.reserve(ms(0), ms(5000)).unwrap();
+        // At 1 s the next free slot is now: no reserved slot lies ahead to move.
+        schedule.push_back(ms(1000), ms(3000));
+        assert_eq!(schedule.due(a), ms(0));
+        assert_eq!(schedule.reserve(ms(1000), ms(5000)).unwrap().at, ms(4000));
+    }
 }
