@@ -281,9 +281,9 @@ mod tests {
     }
 
     #[test]
-    fn debug_shows_no_key() {
-        let verifier = Verifier::new(SECRET, Duration::ZERO, Arc::new(ManualClock(0.into())));
-        let shown = format!("{verifier:?}");
-        assert!(!shown.contains("AC4E"), "{shown}");
+    fn debug_shows_the_grace_period_and_no_key() {
+        let grace = Duration::from_secs(300);
+        let verifier = Verifier::new(SECRET, grace, Arc::new(ManualClock(0.into())));
+        assert_eq!(format!("{verifier:?}"), "Verifier { grace: 300s, .. }");
     }
 }
