@@ -274,19 +274,24 @@ async fn upstream_max_in_flight_queues_the_rest_and_keeps_the_limit_full() {
     assert_eq!(upstream.connections_accepted(), 1);
 }
 
+/// What an upstream that speaks h2 offers, and one that speaks http/1.1 only.
+const ALPNS: [&[&[u8]]; 2] = [&[b"h2", b"http/1.1"], &[b"http/1.1"]];
+
+/// An upstream offering `alpn` that answers 200 `{}`.
+async fn ok_upstream(pki: &TestPki, alpn: &[&[u8]]) -> RunningServer {
+    Upstream::builder()
+        .tls(pki)
+        .alpn(alpn)
+        .handler(|_: Request<hyper::body::Incoming>| async { json(StatusCode::OK, json!({})) })
+        .start()
+        .await
+}
+
 #[tokio::test]
 async fn the_first_request_finds_a_connection_made_at_start() {
-    for alpn in [
-        &[b"h2".as_slice(), b"http/1.1".as_slice()][..],
-        &[b"http/1.1".as_slice()][..],
-    ] {
+    for alpn in ALPNS {
         let pki = TestPki::localhost();
-        let upstream = Upstream::builder()
-            .tls(&pki)
-            .alpn(alpn)
-            .handler(|_: Request<hyper::body::Incoming>| async { json(StatusCode::OK, json!({})) })
-            .start()
-            .await;
+        let upstream = ok_upstream(&pki, alpn).await;
         let proxy = Proxy::start(&ProxyConfig::new(&upstream.url(BASE), &pki)).await;
         // Made in the background, with no request yet.
         eventually(Duration::from_secs(5), "a connection made at start", || {
@@ -346,12 +351,7 @@ async fn upstream_http2_false_offers_http1_alone() {
         ("false", http::Version::HTTP_11),
     ] {
         let pki = TestPki::localhost();
-        let upstream = Upstream::builder()
-            .tls(&pki)
-            .alpn(&[b"h2", b"http/1.1"])
-            .handler(|_: Request<hyper::body::Incoming>| async { json(StatusCode::OK, json!({})) })
-            .start()
-            .await;
+        let upstream = ok_upstream(&pki, ALPNS[0]).await;
         let config =
             ProxyConfig::new(&upstream.url(BASE), &pki).set("IDMATCH_UPSTREAM_HTTP2", setting);
         let proxy = Proxy::start(&config).await;
@@ -457,11 +457,7 @@ impl FreezingRelay {
 #[tokio::test]
 async fn an_unanswered_http2_ping_closes_the_connection_before_a_request_needs_it() {
     let pki = TestPki::localhost();
-    let upstream = Upstream::builder()
-        .tls(&pki)
-        .handler(|_: Request<hyper::body::Incoming>| async { json(StatusCode::OK, json!({})) })
-        .start()
-        .await;
+    let upstream = ok_upstream(&pki, ALPNS[0]).await;
     let relay = FreezingRelay::start(upstream.addr()).await;
     let config = ProxyConfig::new(&format!("https://{}{BASE}", relay.addr), &pki)
         .set("IDMATCH_UPSTREAM_PING_INTERVAL", "100ms")
@@ -493,17 +489,9 @@ async fn an_unanswered_http2_ping_closes_the_connection_before_a_request_needs_i
 
 #[tokio::test]
 async fn a_connection_the_upstream_closed_is_made_again_before_a_request_needs_it() {
-    for alpn in [
-        &[b"h2".as_slice(), b"http/1.1".as_slice()][..],
-        &[b"http/1.1".as_slice()][..],
-    ] {
+    for alpn in ALPNS {
         let pki = TestPki::localhost();
-        let upstream = Upstream::builder()
-            .tls(&pki)
-            .alpn(alpn)
-            .handler(|_: Request<hyper::body::Incoming>| async { json(StatusCode::OK, json!({})) })
-            .start()
-            .await;
+        let upstream = ok_upstream(&pki, alpn).await;
         let relay = FreezingRelay::start(upstream.addr()).await;
         let config = ProxyConfig::new(&format!("https://{}{BASE}", relay.addr), &pki);
         let proxy = Proxy::start(&config).await;

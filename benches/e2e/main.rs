@@ -403,6 +403,15 @@ fn mib(bytes: u64) -> String {
     format!("{:.1}", bytes as f64 / MIB)
 }
 
+/// The runtime of an in-process mock upstream: one worker, on the harness's core.
+fn mock_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
@@ -1228,11 +1237,7 @@ impl Bench {
     /// A streamed upload through idmatch-proxy to the in-process mock, which counts the bytes.
     fn upload(&mut self) {
         println!("upload: {} MiB", self.settings.upload_bytes >> 20);
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .expect("runtime");
+        let runtime = mock_runtime();
         let pki = TestPki::localhost();
         let mock = runtime.block_on(
             Server::builder()

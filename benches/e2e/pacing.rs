@@ -21,7 +21,7 @@ use idmatch_mock::{Server, TestPki};
 
 use crate::load::{self, Connection, Target};
 use crate::procs::{self, Proc};
-use crate::{ms, proxy_env, Bench, BODY, PROXY_BIN};
+use crate::{mock_runtime, ms, proxy_env, Bench, BODY, PROXY_BIN};
 
 const INTERVAL: Duration = Duration::from_millis(100);
 const REQUESTS: usize = 200;
@@ -41,11 +41,7 @@ impl Bench {
     pub fn pacing(&mut self) {
         println!("pacing");
         let load_before = procs::loadavg();
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .expect("runtime");
+        let runtime = mock_runtime();
         let pki = TestPki::localhost();
         let arrivals: Arc<Mutex<Vec<Instant>>> = Arc::default();
         let noted = arrivals.clone();
