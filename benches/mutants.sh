@@ -8,7 +8,7 @@
 #   cargo install --locked cargo-mutants           # once
 #   benches/mutants.sh [GROUP...] [-- EXTRA cargo-mutants ARGS]   # e.g. pace -- --list
 #
-# Groups: guarantees, rules, pace, callback (all by default). Each group's mutants run against
+# Groups: guarantees, rules, pace, callback, warm (all by default). Each group's mutants run against
 # only the test targets that exercise them. Not in .ci/run: the whole run takes most of an hour
 # on two cores.
 #
@@ -29,7 +29,7 @@ while [ $# -gt 0 ] && [ "$1" != "--" ]; do
     shift
 done
 [ $# -gt 0 ] && shift
-[ ${#groups[@]} -gt 0 ] || groups=(guarantees rules pace callback)
+[ ${#groups[@]} -gt 0 ] || groups=(guarantees rules pace callback warm)
 
 mkdir -p "$tree"
 find "$tree" -mindepth 1 -maxdepth 1 ! -name target -exec rm -rf {} +
@@ -91,8 +91,12 @@ for group in "${groups[@]}"; do
         mutate callback --file src/callback/verify.rs --file src/callback/dedup.rs \
             -- --lib --test callback
         ;;
+    warm)
+        # The connection kept open for sparse traffic: its window, its pauses, its end.
+        mutate warm --file src/upstream/warm.rs -- --lib
+        ;;
     *)
-        echo "mutants.sh: unknown group '$group' (guarantees, rules, pace, callback)" >&2
+        echo "mutants.sh: unknown group '$group' (guarantees, rules, pace, callback, warm)" >&2
         exit 2
         ;;
     esac || status=$?
