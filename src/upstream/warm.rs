@@ -222,6 +222,17 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_connection_that_lived_a_second_is_made_again_at_once() {
+        let pool = FakePool::new(secs(600), Fate::Kept);
+        let t0 = Instant::now();
+        start(&pool);
+        after(secs(1)).await;
+        pool.close();
+        after(Duration::ZERO).await;
+        assert_eq!(pool.attempts(t0), [0, 1]);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn stops_once_no_request_came_for_the_window_and_resumes_with_the_next() {
         let pool = FakePool::new(secs(600), Fate::Kept);
         let t0 = Instant::now();
