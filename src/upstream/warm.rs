@@ -194,6 +194,14 @@ mod tests {
         tokio::spawn(keep(Arc::downgrade(pool), pool.warmth.closed().clone()))
     }
 
+    /// A pool and its keeper, started now; and now.
+    fn started(window: Duration, fate: Fate) -> (Arc<FakePool>, Instant) {
+        let pool = FakePool::new(window, fate);
+        let t0 = Instant::now();
+        start(&pool);
+        (pool, t0)
+    }
+
     /// Lets the keeper run until it waits again, `by` later.
     async fn after(by: Duration) {
         tokio::time::sleep(by).await;
@@ -206,9 +214,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn connects_at_start_and_again_whenever_the_upstream_closes_the_connection() {
-        let pool = FakePool::new(secs(600), Fate::Kept);
-        let t0 = Instant::now();
-        start(&pool);
+        let (pool, t0) = started(secs(600), Fate::Kept);
         after(secs(1)).await;
         assert!(pool.has_open());
         for _ in 0..3 {
@@ -223,9 +229,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_connection_that_lived_a_second_is_made_again_at_once() {
-        let pool = FakePool::new(secs(600), Fate::Kept);
-        let t0 = Instant::now();
-        start(&pool);
+        let (pool, t0) = started(secs(600), Fate::Kept);
         after(secs(1)).await;
         pool.close();
         after(Duration::ZERO).await;
@@ -234,9 +238,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn stops_once_no_request_came_for_the_window_and_resumes_with_the_next() {
-        let pool = FakePool::new(secs(600), Fate::Kept);
-        let t0 = Instant::now();
-        start(&pool);
+        let (pool, t0) = started(secs(600), Fate::Kept);
         after(secs(599)).await;
         pool.close();
         after(Duration::ZERO).await;
@@ -258,9 +260,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_close_while_another_connection_is_open_costs_nothing() {
-        let pool = FakePool::new(secs(600), Fate::Kept);
-        let t0 = Instant::now();
-        start(&pool);
+        let (pool, t0) = started(secs(600), Fate::Kept);
         after(secs(10)).await;
         // Another connection of the pool closed; the warm one is still open.
         pool.warmth.closed().notify_one();
@@ -270,18 +270,14 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn failed_connects_pause_twice_as_long_each_time_up_to_64_s() {
-        let pool = FakePool::new(secs(3600), Fate::Refused);
-        let t0 = Instant::now();
-        start(&pool);
+        let (pool, t0) = started(secs(3600), Fate::Refused);
         after(secs(300)).await;
         assert_eq!(pool.attempts(t0), [0, 1, 3, 7, 15, 31, 63, 127, 191, 255]);
     }
 
     #[tokio::test(start_paused = true)]
     async fn connections_closed_as_soon_as_made_pause_too_until_one_lives() {
-        let pool = FakePool::new(secs(3600), Fate::ClosedAtOnce);
-        let t0 = Instant::now();
-        start(&pool);
+        let (pool, t0) = started(secs(3600), Fate::ClosedAtOnce);
         after(secs(100)).await;
         assert_eq!(pool.attempts(t0), [0, 1, 3, 7, 15, 31, 63]);
         // The next, at 127 s, is kept; when it closes 73 s later, the pauses start over.
