@@ -1,5 +1,6 @@
 //! Header hygiene between the client and the upstream.
 
+use http::header::Entry;
 use http::header::{
     HeaderName, AUTHORIZATION, CONNECTION, PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING,
     UPGRADE,
@@ -37,38 +38,43 @@ pub fn rewrite_request(headers: &mut HeaderMap, authorization: HeaderValue) {
 }
 
 /// Removes hop-by-hop fields (and `Proxy-Authorization` if `request`), keeping the order of
-/// the rest. `HeaderMap::remove` moves the last field into the hole, so only trailing fields are
-/// removed in place (nginx ends every response with `Connection: keep-alive`: benches/README.md);
-/// if others remain, the map is rebuilt. Usually there is nothing to remove or rebuild.
+/// the rest. `HeaderMap::remove` moves the last field into the hole, so fields come off the end
+/// (which moves nothing) back to the first doomed one, and the kept ones among them go back in
+/// their order. Usually there is nothing to remove; when there is, it is near the end (nginx puts
+/// `Connection` after its own fields and before `add_header`'s: benches/README.md).
 fn strip(headers: &mut HeaderMap, request: bool) {
     let fixed =
         |name: &HeaderName| HOP_BY_HOP.contains(name) || (request && name == PROXY_AUTHORIZATION);
     // `Connection` is on the fixed list: without any of those, nothing else is named either,
     // and one look at each name settles it (the usual request).
-    let Some(first) = headers.keys().position(fixed) else {
+    let Some(first_fixed) = headers.keys().position(fixed) else {
         return;
     };
     let named = connection_named(headers);
     let doomed = |name: &HeaderName| fixed(name) || named.contains(name);
-    while let Some(last) = headers.keys().last().filter(|name| doomed(name)).cloned() {
-        headers.remove(&last);
-    }
-    // Before the first fixed name, only a name that `Connection` lists can be doomed; removing
-    // trailing fields moved none of those.
-    let unseen = if named.is_empty() { first } else { 0 };
-    if !headers.keys().skip(unseen).any(doomed) {
-        return;
-    }
-    let old = std::mem::replace(headers, HeaderMap::with_capacity(headers.len()));
-    // `into_iter` names a field once, then yields its further values with `None`.
-    let mut kept: Option<HeaderName> = None;
-    for (name, value) in old {
-        if let Some(name) = name {
-            kept = (!doomed(&name)).then_some(name);
+    let first = headers
+        .keys()
+        .take(first_fixed)
+        .position(|name| named.contains(name))
+        .unwrap_or(first_fixed);
+    // Kept fields in reverse order (each field's values reversed too), so that the re-appending
+    // below can walk it backwards.
+    let mut kept: Vec<(HeaderName, HeaderValue)> = Vec::new();
+    while headers.keys_len() > first {
+        let last = headers.keys().last().cloned();
+        let Some(Entry::Occupied(entry)) = last.map(|name| headers.entry(name)) else {
+            break; // cannot happen: the name was just read from the map
+        };
+        let (name, values) = entry.remove_entry_mult();
+        if doomed(&name) {
+            continue;
         }
-        if let Some(name) = &kept {
-            headers.append(name.clone(), value);
-        }
+        let start = kept.len();
+        kept.extend(values.map(|value| (name.clone(), value)));
+        kept[start..].reverse();
+    }
+    for (name, value) in kept.into_iter().rev() {
+        headers.append(name, value);
     }
 }
 
@@ -246,7 +252,36 @@ mod tests {
         assert_eq!(headers["accept"], "a");
     }
 
-    /// Trailing hop-by-hop fields (the in-place path) and others before them (the rebuild).
+    /// nginx's order: its own fields, `Connection`, then `add_header`'s. The fields after the
+    /// first doomed one come off and go back, values of each in their order.
+    #[test]
+    fn fields_after_connection_go_back_in_their_order() {
+        let mut headers = map(&[
+            ("x-named", "1"),
+            ("server", "nginx"),
+            ("content-length", "2"),
+            ("connection", "keep-alive, x-named"),
+            ("x-stub-protocol", "HTTP/1.1"),
+            ("set-cookie", "a=1"),
+            ("keep-alive", "timeout=5"),
+            ("set-cookie", "b=2"),
+            ("x-last", "3"),
+        ]);
+        remove_hop_by_hop(&mut headers);
+        assert_eq!(
+            pairs(&headers),
+            [
+                ("server".into(), "nginx".into()),
+                ("content-length".into(), "2".into()),
+                ("x-stub-protocol".into(), "HTTP/1.1".into()),
+                ("set-cookie".into(), "a=1".into()),
+                ("set-cookie".into(), "b=2".into()),
+                ("x-last".into(), "3".into()),
+            ]
+        );
+    }
+
+    /// Hop-by-hop fields at the end only, and with others after them.
     #[test]
     fn trailing_and_inner_hop_by_hop_fields_keep_the_order_of_the_rest() {
         let cases: [&[(&str, &str)]; 2] = [
