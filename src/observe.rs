@@ -52,7 +52,10 @@ impl Accounting {
         let started = Instant::now();
         // One lookup for both finding the client's id and adding ours.
         let request_id = match request.headers_mut().entry(&X_REQUEST_ID) {
-            header::Entry::Occupied(id) => id.get().clone(),
+            header::Entry::Occupied(mut id) => {
+                never_indexed(id.get_mut());
+                id.get().clone()
+            }
             header::Entry::Vacant(slot) => slot.insert(self.ids.next()).clone(),
         };
         Record {
@@ -332,9 +335,19 @@ impl RequestIds {
         // Shared from the start: the id is cloned into the upstream request, the log entry and
         // the response, and a copied `Vec` would be moved to shared storage at the first clone,
         // a second allocation.
-        HeaderValue::from_maybe_shared(Bytes::from_owner(id))
-            .expect("hex digits are a valid header value")
+        let mut id = HeaderValue::from_maybe_shared(Bytes::from_owner(id))
+            .expect("hex digits are a valid header value");
+        never_indexed(&mut id);
+        id
     }
+}
+
+/// Keeps a request id out of HPACK's dynamic tables (RFC 7541 §6.2.3), upstream and towards h2
+/// clients. Each id is sent once, so indexing it bought nothing and cost much: the table filled
+/// with ids, evicting the fields that do repeat, and the `h2` encoder compared each new id with
+/// every one indexed (2.7k instructions a request; benches/README.md, issue 19).
+fn never_indexed(id: &mut HeaderValue) {
+    id.set_sensitive(true);
 }
 
 /// `value` as 16 lowercase hex digits.
@@ -381,5 +394,30 @@ mod tests {
             .bytes()
             .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
         assert_ne!(RequestIds::new().prefix, ids.prefix, "processes tell apart");
+    }
+
+    struct Unwatched;
+
+    impl RequestEnd for Unwatched {
+        fn request_ended(&self) {}
+    }
+
+    /// The id goes upstream and back marked never-indexed, whether it is ours or the client's.
+    #[test]
+    fn request_ids_are_never_indexed_whoever_made_them() {
+        let accounting = Accounting::new(Arc::new(Metrics::new()), false);
+        for client_id in [None, Some("client-chosen-1")] {
+            let mut request = Request::new(());
+            if let Some(id) = client_id {
+                let id = HeaderValue::from_static(id);
+                request.headers_mut().insert(&X_REQUEST_ID, id);
+            }
+            let record = accounting.begin(&mut request, Arc::new(Unwatched));
+            assert!(
+                request.headers()[&X_REQUEST_ID].is_sensitive(),
+                "{client_id:?}"
+            );
+            assert!(record.entry.request_id.is_sensitive(), "{client_id:?}");
+        }
     }
 }
