@@ -1,9 +1,8 @@
 //! Header hygiene between the client and the upstream.
 
-use http::header::Entry;
 use http::header::{
-    HeaderName, AUTHORIZATION, CONNECTION, PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING,
-    UPGRADE,
+    Entry, HeaderName, AUTHORIZATION, CONNECTION, PROXY_AUTHORIZATION, TE, TRAILER,
+    TRANSFER_ENCODING, UPGRADE,
 };
 use http::{HeaderMap, HeaderValue};
 
