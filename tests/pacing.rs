@@ -543,6 +543,51 @@ fn redis_certificates() -> (String, String, String) {
     (cert.pem(), key.serialize_pem(), ca.pem())
 }
 
+/// A client that goes away while its slot's reservation is on its way to Redis (held there by
+/// stopping the server, for less than `redis_timeout`): the slot the store then reserves is given
+/// back all the same, and the next request gets it.
+#[tokio::test]
+async fn a_client_gone_during_the_reservation_round_trip_gives_the_store_slot_back() {
+    let redis = RedisServer::start();
+    let pki = TestPki::localhost();
+    let (upstream, arrivals) = timed_upstream(&pki, ok).await;
+    let config = paced(ProxyConfig::new(&upstream.url(BASE), &pki), "1s", "5s")
+        .set("IDMATCH_RATE_LIMIT_REDIS_URL", &redis.url())
+        .set("IDMATCH_RATE_LIMIT_REDIS_TIMEOUT", "5s");
+    let proxy = Proxy::start(&config).await;
+    let url = proxy.url("/sim-swap");
+    assert_eq!(call(url.clone(), "x").await.status, StatusCode::OK);
+    let started = Instant::now();
+    redis.pause();
+    let gone = tokio::spawn(call(url.clone(), "gone"));
+    let queued = "idmatch_proxy_rate_limit_queued";
+    eventually(Duration::from_secs(5), "the request queued", || async {
+        scrape(proxy.admin, queued).await == 1.0
+    })
+    .await;
+    gone.abort();
+    // The proxy has dropped the request; its reservation is still unanswered.
+    eventually(Duration::from_secs(5), "the request dropped", || async {
+        scrape(proxy.admin, queued).await == 0.0
+    })
+    .await;
+    redis.resume();
+    let given_back = "idmatch_proxy_rate_limit_abandoned_slots_total{outcome=\"given_back\"}";
+    eventually(Duration::from_secs(5), "the slot given back", || async {
+        scrape(proxy.admin, given_back).await == 1.0
+    })
+    .await;
+    // The next takes the 1 s slot given back, not the 2 s one after it.
+    assert_eq!(call(url.clone(), "next").await.status, StatusCode::OK);
+    assert!(
+        started.elapsed() < Duration::from_millis(1900),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(arrivals.times_of("gone").is_empty());
+    assert_eq!(arrivals.count(), 2);
+}
+
 /// A client that goes away while it waits never sends; its slot, the last one, goes to the
 /// next request: kept in the process, and in Redis, whose script gives it back.
 #[tokio::test]

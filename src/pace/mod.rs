@@ -12,8 +12,9 @@
 //!   together still keep the limit; a probe returns to the store once it answers again.
 //!
 //! A request whose client goes away while it waits never sends, and gives its slot back if it
-//! was the last one reserved (the store does the same check in its script); a slot in the
-//! middle of the queue stays unused, one interval lost.
+//! was the last one reserved (the store does the same check in its script), even when it went
+//! away before the store's answer came; a slot in the middle of the queue stays unused, one
+//! interval lost.
 
 mod local;
 pub mod redis;
@@ -23,6 +24,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::config::RateLimit;
@@ -211,18 +213,17 @@ impl Pacer {
         started: Instant,
     ) -> Result<(Slot, Option<u64>, bool), ProxyError> {
         if let Some(shared) = self.shared_in_use() {
-            let answer = tokio::time::timeout(shared.timeout, shared.store.reserve(self.max_wait));
-            match answer.await {
-                Ok(Ok(redis::Answer::Reserved { wait, next })) => {
+            match shared.clone().reserve(self.max_wait).await {
+                Some(Ok(redis::Answer::Reserved { wait, next })) => {
                     // The store's clock decided the wait; ours only counts it down.
                     let now = self.now();
                     self.saw_next_free(now + wait + self.interval);
                     let slot = lock(&self.local).adopt(now + wait);
                     return Ok((slot, Some(next), wait.is_zero()));
                 }
-                Ok(Ok(redis::Answer::TooFar { wait })) => return Err(self.too_far(wait)),
-                Ok(Err(error)) => shared.fall_back(&error.to_string()),
-                Err(_) => shared.fall_back("no answer within rate_limit.redis_timeout"),
+                Some(Ok(redis::Answer::TooFar { wait })) => return Err(self.too_far(wait)),
+                Some(Err(error)) => shared.fall_back(&error.to_string()),
+                None => shared.fall_back("no answer within rate_limit.redis_timeout"),
             }
         }
         // After a failed round trip to the store, `started` is long past.
@@ -283,6 +284,32 @@ fn show_backend(metrics: &Metrics, backend: Backend) {
 }
 
 impl Shared {
+    /// Reserves a slot in the store; `None` if it did not answer within
+    /// `rate_limit.redis_timeout`. The round trip is a task of its own: a request dropped during
+    /// it (its client went away) would otherwise leave a slot reserved in the store that no
+    /// replica uses and nothing counts; the task gives it back instead.
+    async fn reserve(
+        self: Arc<Self>,
+        max_wait: Duration,
+    ) -> Option<Result<redis::Answer, ::redis::RedisError>> {
+        let (answer_tx, answer_rx) = oneshot::channel();
+        tokio::spawn(async move {
+            let reserve = self.store.reserve(max_wait);
+            let answer = tokio::time::timeout(self.timeout, reserve).await.ok();
+            if let Err(Some(Ok(redis::Answer::Reserved { next, .. }))) = answer_tx.send(answer) {
+                self.give_back(next).await;
+            }
+        });
+        // The task always sends, unless the runtime is shutting down: then no answer.
+        answer_rx.await.ok().flatten()
+    }
+
+    /// Gives the reservation `next` back if it is still the last one, and counts the outcome.
+    async fn give_back(&self, next: u64) {
+        let given_back = tokio::time::timeout(self.timeout, self.store.release(next)).await;
+        count_abandoned(&self.metrics, matches!(given_back, Ok(Ok(true))));
+    }
+
     /// The store failed: pace locally until a probe finds it again. Logged once per outage.
     fn fall_back(self: &Arc<Self>, error: &str) {
         self.metrics.rate_limit_redis_errors.inc();
@@ -362,26 +389,23 @@ impl Drop for Turn<'_> {
         let Some((slot, reservation)) = self.slot.take() else {
             return;
         };
-        let metrics = pacer.metrics.clone();
-        let count = move |given_back: bool| {
-            let outcome = if given_back { "given_back" } else { "wasted" };
-            metrics
-                .rate_limit_abandoned
-                .get_or_create(&OutcomeLabels { outcome })
-                .inc();
-        };
         match (reservation, &pacer.shared) {
             (Some(next), Some(shared)) => {
                 let shared = shared.clone();
-                tokio::spawn(async move {
-                    let release = shared.store.release(next);
-                    let given_back = tokio::time::timeout(shared.timeout, release).await;
-                    count(matches!(given_back, Ok(Ok(true))));
-                });
+                tokio::spawn(async move { shared.give_back(next).await });
             }
-            _ => count(lock(&pacer.local).release(slot)),
+            _ => count_abandoned(&pacer.metrics, lock(&pacer.local).release(slot)),
         }
     }
+}
+
+/// Counts the slot of a request whose client went away: given back, or wasted.
+fn count_abandoned(metrics: &Metrics, given_back: bool) {
+    let outcome = if given_back { "given_back" } else { "wasted" };
+    metrics
+        .rate_limit_abandoned
+        .get_or_create(&OutcomeLabels { outcome })
+        .inc();
 }
 
 /// Whole seconds, rounded up, at least one: what `Retry-After` can say.

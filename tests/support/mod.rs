@@ -711,6 +711,25 @@ impl RedisServer {
         }
     }
 
+    /// Stops it (SIGSTOP) without closing anything: requests to it wait, unanswered.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets it go on after [`RedisServer::pause`]: the waiting requests are answered.
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let child = self.child.as_ref().expect("redis-server is running");
+        let sent = std::process::Command::new("kill")
+            .args([signal, &child.id().to_string()])
+            .status()
+            .expect("kill(1)");
+        assert!(sent.success(), "kill {signal} redis-server");
+    }
+
     /// Starts it again on the same port, empty.
     pub fn restart(&mut self) {
         self.kill();
