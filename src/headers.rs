@@ -60,6 +60,15 @@ fn strip(headers: &mut HeaderMap, request: bool) {
     // below can walk it backwards.
     let mut kept: Vec<(HeaderName, HeaderValue)> = Vec::new();
     while headers.keys_len() > first {
+        // Down to the doomed field at `first` and one kept field after it (nginx's
+        // `Connection`, then one `add_header`): `remove` moves that one into the hole, which
+        // keeps the order, and nothing has to come off.
+        if headers.keys_len() - first == 2 && headers.keys().last().is_some_and(|n| !doomed(n)) {
+            if let Some(name) = headers.keys().nth(first).cloned() {
+                headers.remove(name);
+            }
+            break;
+        }
         let last = headers.keys().last().cloned();
         let Some(Entry::Occupied(entry)) = last.map(|name| headers.entry(name)) else {
             break; // cannot happen: the name was just read from the map
@@ -278,6 +287,50 @@ mod tests {
                 ("x-last".into(), "3".into()),
             ]
         );
+    }
+
+    /// One kept field after the last doomed one is moved into its place by `remove`; two or more
+    /// come off and go back. Either way the order stays, the moved field's values too.
+    #[test]
+    fn one_or_two_fields_after_the_doomed_one_keep_their_order() {
+        type Fields<'a> = &'a [(&'a str, &'a str)];
+        let cases: [(Fields, Fields); 4] = [
+            (
+                &[("x-stub-protocol", "HTTP/1.1")],
+                &[("x-stub-protocol", "HTTP/1.1")],
+            ),
+            (
+                &[("set-cookie", "a=1"), ("set-cookie", "b=2")],
+                &[("set-cookie", "a=1"), ("set-cookie", "b=2")],
+            ),
+            (
+                &[("x-stub-protocol", "HTTP/1.1"), ("x-last", "3")],
+                &[("x-stub-protocol", "HTTP/1.1"), ("x-last", "3")],
+            ),
+            (
+                &[
+                    ("set-cookie", "a=1"),
+                    ("x-last", "3"),
+                    ("set-cookie", "b=2"),
+                ],
+                &[
+                    ("set-cookie", "a=1"),
+                    ("set-cookie", "b=2"),
+                    ("x-last", "3"),
+                ],
+            ),
+        ];
+        for (tail, kept) in cases {
+            let head = [("server", "nginx"), ("connection", "keep-alive")];
+            let mut headers = map(&[&head[..], tail].concat());
+            remove_hop_by_hop(&mut headers);
+            let expected: Vec<_> = [("server", "nginx")]
+                .iter()
+                .chain(kept)
+                .map(|(n, v)| (n.to_string(), v.to_string()))
+                .collect();
+            assert_eq!(pairs(&headers), expected, "{tail:?}");
+        }
     }
 
     /// Hop-by-hop fields at the end only, and with others after them.
