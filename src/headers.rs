@@ -39,7 +39,8 @@ pub fn rewrite_request(headers: &mut HeaderMap, authorization: HeaderValue) {
 /// Removes hop-by-hop fields (and `Proxy-Authorization` if `request`), keeping the order of
 /// the rest. `HeaderMap::remove` moves the last field into the hole, so fields come off the end
 /// (which moves nothing) back to the first doomed one, and the kept ones among them go back in
-/// their order. Usually there is nothing to remove; when there is, it is near the end (nginx puts
+/// their order; when one kept field is left after that one, `remove` moving it is the order.
+/// Usually there is nothing to remove; when there is, it is near the end (nginx puts
 /// `Connection` after its own fields and before `add_header`'s: benches/README.md).
 fn strip(headers: &mut HeaderMap, request: bool) {
     let fixed =
